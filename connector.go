@@ -1,0 +1,308 @@
+// Package pgstore keeps the records of a realtime server in PostgreSQL and
+// tells every server node when one changes.
+//
+// Records are JSON values with a version, stored under keys "table/id": the
+// text before the first "/" names a table (created with its triggers on first
+// write, in the connector's schema), the rest is the record's id. Writes are
+// buffered, coalesced per key and flushed in batches; every write reports when
+// it is durable or why it failed, and reads see buffered writes. Triggers
+// publish each change with NOTIFY, and Subscribe delivers them to handlers
+// through one shared LISTEN connection.
+package pgstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+var (
+	// ErrNotFound is returned by Get for a key that holds no record.
+	ErrNotFound = errors.New("pgstore: record not found")
+	// ErrClosed is returned by every call made after Close.
+	ErrClosed = errors.New("pgstore: connector closed")
+	// ErrVersionConflict is wrapped by the error of a write refused by the
+	// version guard (see WithVersionGuard).
+	ErrVersionConflict = errors.New("version conflict")
+)
+
+// A Record is a stored value and its version.
+type Record struct {
+	Version int64
+	// Value is the record's JSON. Once flushed it is the text PostgreSQL's
+	// jsonb returns: white space and the order of object keys may differ
+	// from what was written, so compare values as JSON, not as bytes.
+	Value json.RawMessage
+}
+
+// A Connector stores records in one PostgreSQL schema. It is safe for
+// concurrent use. Close it to flush buffered writes.
+type Connector struct {
+	pool     *pgxpool.Pool
+	ownsPool bool
+	cfg      config
+
+	mu     sync.Mutex
+	tables map[string]*table // tables accepted by the policy or known to exist
+
+	buf         writeBuffer
+	cancelFlush context.CancelFunc
+	flusherDone chan struct{}
+
+	closing   atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Connect opens a pool from a connection string, in URL or key=value form with
+// every setting pgx knows (sslmode, pool_max_conns, ...; PG* environment
+// variables fill in what it leaves out), and returns a connector that owns the
+// pool. It checks that the server answers and prepares the schema before it
+// returns; there is no retry loop: ctx bounds the wait.
+func Connect(ctx context.Context, connString string, opts ...Option) (*Connector, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	poolCfg, err := pgxpool.ParseConfig(connString)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err) // pgx redacts the password
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	c, err := start(ctx, pool, cfg)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	c.ownsPool = true
+	return c, nil
+}
+
+// New returns a connector on the caller's pool, which Close leaves open. Like
+// Connect, it checks the server and prepares the schema before it returns.
+func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Connector, error) {
+	if pool == nil {
+		return nil, errors.New("pgstore: New: pool is nil")
+	}
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	return start(ctx, pool, cfg)
+}
+
+func newConfig(opts []Option) (config, error) {
+	cfg := defaultConfig()
+	for _, opt := range opts {
+		if err := opt(&cfg); err != nil {
+			return config{}, fmt.Errorf("pgstore: %w", err)
+		}
+	}
+	if cfg.defaultTable == "" {
+		cfg.defaultTable = DefaultTable
+	}
+	return cfg, nil
+}
+
+func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, error) {
+	if err := pool.Ping(ctx); err != nil {
+		return nil, fmt.Errorf("pgstore: connect: %w", err)
+	}
+	if err := prepareSchema(ctx, pool, cfg.schema); err != nil {
+		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
+	}
+	c := &Connector{
+		pool:        pool,
+		cfg:         cfg,
+		tables:      make(map[string]*table),
+		flusherDone: make(chan struct{}),
+	}
+	c.buf.room = make(chan struct{})
+	c.buf.wake = make(chan struct{}, 1)
+	flushCtx, cancel := context.WithCancel(context.Background())
+	c.cancelFlush = cancel
+	go c.flushLoop(flushCtx)
+	return c, nil
+}
+
+// Close flushes every accepted write, waits for the background work to end and
+// closes the pool if the connector opened it. If ctx ends first, the writes
+// still buffered fail and Close returns ctx's error. Calls made after Close
+// return ErrClosed; Close itself may be called again and returns the same.
+func (c *Connector) Close(ctx context.Context) error {
+	c.closeOnce.Do(func() {
+		c.closing.Store(true)
+		b := &c.buf
+		b.mu.Lock()
+		b.closed = true
+		close(b.room) // writers waiting for room give up
+		b.room = make(chan struct{})
+		b.mu.Unlock()
+		b.signal()
+
+		select {
+		case <-c.flusherDone:
+		case <-ctx.Done():
+			c.closeErr = fmt.Errorf("pgstore: close: writes still buffered failed: %w", ctx.Err())
+			c.cancelFlush()
+			<-c.flusherDone
+		}
+		c.cancelFlush()
+		if c.ownsPool {
+			c.pool.Close()
+		}
+	})
+	return c.closeErr
+}
+
+// Set writes a record and returns once it is durable, or why it is not. value
+// is any value encoding/json can marshal, or a json.RawMessage or []byte that
+// holds JSON. If ctx ends first, Set returns ctx's error and the write, once
+// accepted, still goes ahead.
+func (c *Connector) Set(ctx context.Context, key string, version int64, value any) error {
+	return c.set(ctx, key, version, value).Wait(ctx)
+}
+
+// SetAsync accepts a write without waiting for it to be durable, and returns
+// its Result. Writes are applied in the order of the calls. It waits only when
+// the write buffer is full (see WithBufferLimit). Errors about the key or the
+// value are reported by the Result at once.
+func (c *Connector) SetAsync(key string, version int64, value any) *Result {
+	return c.set(context.Background(), key, version, value)
+}
+
+func (c *Connector) set(ctx context.Context, key string, version int64, value any) *Result {
+	if c.closing.Load() {
+		return failed(ErrClosed)
+	}
+	t, id, err := c.writeTable(key)
+	if err != nil {
+		return failed(err)
+	}
+	if c.cfg.versionGuard && version < 0 {
+		return failed(fmt.Errorf("pgstore: %s: version %d is negative; the version guard needs versions of 0 or more", quoteInput(key), version))
+	}
+	data, err := encodeValue(value)
+	if err != nil {
+		return failed(fmt.Errorf("pgstore: %s: %w", quoteInput(key), err))
+	}
+	return c.enqueue(ctx, t, id, version, data)
+}
+
+// Delete removes a record and returns once the removal is durable. Deleting
+// a key that holds no record succeeds. If ctx ends first, Delete returns
+// ctx's error and the removal still goes ahead.
+func (c *Connector) Delete(ctx context.Context, key string) error {
+	return c.delete(ctx, key).Wait(ctx)
+}
+
+// DeleteAsync accepts a removal without waiting for it to be durable, in call
+// order with the other writes.
+func (c *Connector) DeleteAsync(key string) *Result {
+	return c.delete(context.Background(), key)
+}
+
+func (c *Connector) delete(ctx context.Context, key string) *Result {
+	if c.closing.Load() {
+		return failed(ErrClosed)
+	}
+	name, id, err := splitKey(key, c.cfg.defaultTable)
+	if err != nil {
+		return failed(fmt.Errorf("pgstore: %w", err))
+	}
+	return c.enqueue(ctx, c.knownTable(name), id, 0, nil)
+}
+
+// Get returns the record under key, including a write that is still buffered,
+// or ErrNotFound.
+func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
+	if c.closing.Load() {
+		return Record{}, ErrClosed
+	}
+	name, id, err := splitKey(key, c.cfg.defaultTable)
+	if err != nil {
+		return Record{}, fmt.Errorf("pgstore: %w", err)
+	}
+	if w, ok := c.buf.lookup(name, id); ok {
+		if w.value == nil {
+			return Record{}, ErrNotFound
+		}
+		// The buffer's copy must stay as it is.
+		return Record{Version: w.version, Value: append([]byte(nil), w.value...)}, nil
+	}
+	var rec Record
+	err = c.pool.QueryRow(ctx, c.knownTable(name).getSQL, id).Scan(&rec.Version, &rec.Value)
+	if errors.Is(err, pgx.ErrNoRows) || isUndefinedTable(err) {
+		return Record{}, ErrNotFound
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("pgstore: get %s: %w", quoteInput(key), err)
+	}
+	return rec, nil
+}
+
+// writeTable splits a key for a write, asking the table policy the first time
+// a table is written.
+func (c *Connector) writeTable(key string) (*table, string, error) {
+	name, id, err := splitKey(key, c.cfg.defaultTable)
+	if err != nil {
+		return nil, "", fmt.Errorf("pgstore: %w", err)
+	}
+	c.mu.Lock()
+	t := c.tables[name]
+	c.mu.Unlock()
+	if t != nil {
+		return t, id, nil
+	}
+	if c.cfg.tablePolicy != nil {
+		if err := c.cfg.tablePolicy(name); err != nil {
+			return nil, "", fmt.Errorf("pgstore: table %s refused by the table policy: %w", quoteInput(name), err)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t = c.tables[name]; t == nil {
+		t = newTable(c.cfg.schema, name, c.cfg.versionGuard)
+		c.tables[name] = t
+	}
+	return t, id, nil
+}
+
+// knownTable returns the remembered table of that name, or a fresh one that
+// is not remembered: reads and deletes of arbitrary names must not grow the
+// connector's memory.
+func (c *Connector) knownTable(name string) *table {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t := c.tables[name]; t != nil {
+		return t
+	}
+	return newTable(c.cfg.schema, name, c.cfg.versionGuard)
+}
+
+// Query runs sql on the connector's pool, for what the rest of the API does
+// not cover. Close the rows.
+func (c *Connector) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	if c.closing.Load() {
+		return nil, ErrClosed
+	}
+	return c.pool.Query(ctx, sql, args...)
+}
+
+// Exec runs a statement on the connector's pool.
+func (c *Connector) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	if c.closing.Load() {
+		return pgconn.CommandTag{}, ErrClosed
+	}
+	return c.pool.Exec(ctx, sql, args...)
+}

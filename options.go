@@ -1,0 +1,164 @@
+package pgstore
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+)
+
+// An Option configures a Connector. Options are applied in order by Connect and
+// New; an invalid option makes them fail with an error that names it.
+type Option func(*config) error
+
+type config struct {
+	schema        string
+	writeInterval time.Duration
+	maxBatchSize  int
+	bufferLimit   int
+	defaultTable  string
+	versionGuard  bool
+	tablePolicy   func(table string) error
+	logger        *slog.Logger
+	retryTimeout  time.Duration
+	events        eventSet
+}
+
+// Defaults of the options, as documented on each.
+const (
+	DefaultSchema       = "ds"
+	DefaultTable        = "default"
+	DefaultMaxBatchSize = 5000
+	DefaultBufferLimit  = 64 << 20
+	DefaultRetryTimeout = 30 * time.Second
+)
+
+func defaultConfig() config {
+	return config{
+		schema:       DefaultSchema,
+		maxBatchSize: DefaultMaxBatchSize,
+		bufferLimit:  DefaultBufferLimit,
+		defaultTable: DefaultTable,
+		logger:       slog.Default(),
+		retryTimeout: DefaultRetryTimeout,
+		events:       allEvents,
+	}
+}
+
+// WithSchema sets the PostgreSQL schema that holds the connector's tables. It is
+// created if missing. The name is used exactly as given (case and all) and may
+// be at most 63 bytes. Defaults to "ds".
+func WithSchema(name string) Option {
+	return func(c *config) error {
+		if err := checkIdentifier("schema", name); err != nil {
+			return fmt.Errorf("WithSchema: %w", err)
+		}
+		c.schema = name
+		return nil
+	}
+}
+
+// WithWriteInterval sets how long an accepted write may wait in the buffer so
+// that further writes to the same key coalesce with it. With 0, writes use group
+// commit: a batch goes out as soon as no flush is in flight, so a lone write is
+// durable after about one round trip and under load batches grow to what the
+// server absorbs. Defaults to 0.
+func WithWriteInterval(d time.Duration) Option {
+	return func(c *config) error {
+		if d < 0 {
+			return fmt.Errorf("WithWriteInterval: interval must not be negative, got %v", d)
+		}
+		c.writeInterval = d
+		return nil
+	}
+}
+
+// WithMaxBatchSize bounds how many records one flush writes in one
+// transaction; a fuller buffer is flushed in several batches, in order.
+// Defaults to 5000.
+func WithMaxBatchSize(n int) Option {
+	return func(c *config) error {
+		if n < 1 {
+			return fmt.Errorf("WithMaxBatchSize: size must be at least 1, got %d", n)
+		}
+		c.maxBatchSize = n
+		return nil
+	}
+}
+
+// WithBufferLimit bounds, in bytes, the memory held by writes that are accepted
+// but not yet durable (keys, values and bookkeeping). When the buffer is full,
+// Set and SetAsync wait for a flush to make room; nothing is dropped. A single
+// write larger than the limit is accepted when the buffer is empty. Defaults
+// to 64 MiB.
+func WithBufferLimit(bytes int) Option {
+	return func(c *config) error {
+		if bytes < 1 {
+			return fmt.Errorf("WithBufferLimit: limit must be at least 1 byte, got %d", bytes)
+		}
+		c.bufferLimit = bytes
+		return nil
+	}
+}
+
+// WithDefaultTable names the table for keys that hold no "/". Defaults to
+// "default".
+func WithDefaultTable(name string) Option {
+	return func(c *config) error {
+		if err := checkIdentifier("table", name); err != nil {
+			return fmt.Errorf("WithDefaultTable: %w", err)
+		}
+		c.defaultTable = name
+		return nil
+	}
+}
+
+// WithVersionGuard, when on, refuses a write whose version is lower than the
+// version already stored or buffered for its key, with ErrVersionConflict,
+// instead of overwriting newer data. Writes of an equal version go through, so
+// retrying a write is harmless. Versions must then be non-negative. Defaults to
+// off: the last write wins whatever its version.
+func WithVersionGuard(on bool) Option {
+	return func(c *config) error {
+		c.versionGuard = on
+		return nil
+	}
+}
+
+// WithTablePolicy sets a function that is asked before the connector first
+// writes to a table; a non-nil error refuses the write (and is wrapped in the
+// error returned). Use it to keep clients from creating unlimited tables.
+// Accepted tables are remembered for the life of the connector. Defaults to
+// accepting every table.
+func WithTablePolicy(policy func(table string) error) Option {
+	return func(c *config) error {
+		c.tablePolicy = policy
+		return nil
+	}
+}
+
+// WithLogger sets the logger for flush retries, failed writes and the change
+// feed's reconnections. A nil logger discards everything. Defaults to
+// slog.Default().
+func WithLogger(logger *slog.Logger) Option {
+	return func(c *config) error {
+		if logger == nil {
+			logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		}
+		c.logger = logger
+		return nil
+	}
+}
+
+// WithRetryTimeout bounds how long a batch that fails for a passing reason
+// (connection lost, server restarting, serialization failure) is retried with
+// backoff before each of its writes fails with the cause. Defaults to 30s.
+func WithRetryTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d < 0 {
+			return fmt.Errorf("WithRetryTimeout: timeout must not be negative, got %v", d)
+		}
+		c.retryTimeout = d
+		return nil
+	}
+}
