@@ -21,6 +21,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstore/pgstore/internal/listener"
 )
 
 var (
@@ -55,6 +57,13 @@ type Connector struct {
 	buf         writeBuffer
 	cancelFlush context.CancelFunc
 	flusherDone chan struct{}
+
+	listener     *listener.Listener
+	listenerOnce sync.Once
+	stopListener context.CancelFunc
+	listenerDone chan struct{}
+	subsMu       sync.RWMutex
+	subs         map[string]map[*Subscription]struct{} // by schema
 
 	closing   atomic.Bool
 	closeOnce sync.Once
@@ -121,12 +130,29 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err := prepareSchema(ctx, pool, cfg.schema); err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
 	}
+	if err := syncTriggers(ctx, pool, cfg.schema, cfg.events); err != nil {
+		return nil, fmt.Errorf("pgstore: update the triggers of schema %q to the events chosen: %w", cfg.schema, err)
+	}
 	c := &Connector{
 		pool:        pool,
 		cfg:         cfg,
 		tables:      make(map[string]*table),
 		flusherDone: make(chan struct{}),
 	}
+	c.listener = &listener.Listener{
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			conn, err := c.pool.Acquire(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return conn.Hijack(), nil
+		},
+		Notify:      c.dispatch,
+		Reconnected: c.resyncAll,
+		Logger:      cfg.logger,
+	}
+	c.subs = make(map[string]map[*Subscription]struct{})
+	c.listenerDone = make(chan struct{})
 	c.buf.room = make(chan struct{})
 	c.buf.wake = make(chan struct{}, 1)
 	flushCtx, cancel := context.WithCancel(context.Background())
@@ -158,6 +184,7 @@ func (c *Connector) Close(ctx context.Context) error {
 			<-c.flusherDone
 		}
 		c.cancelFlush()
+		c.closeFeed()
 		if c.ownsPool {
 			c.pool.Close()
 		}
@@ -305,4 +332,25 @@ func (c *Connector) Exec(ctx context.Context, sql string, args ...any) (pgconn.C
 		return pgconn.CommandTag{}, ErrClosed
 	}
 	return c.pool.Exec(ctx, sql, args...)
+}
+
+// closeFeed ends every subscription and the LISTEN connection.
+func (c *Connector) closeFeed() {
+	c.subsMu.Lock()
+	var subs []*Subscription
+	for _, set := range c.subs {
+		for s := range set {
+			subs = append(subs, s)
+		}
+	}
+	c.subs = nil // no more subscriptions
+	c.subsMu.Unlock()
+	for _, s := range subs {
+		s.close(false)
+	}
+	c.listenerOnce.Do(func() { close(c.listenerDone) }) // never started
+	if c.stopListener != nil {
+		c.stopListener()
+	}
+	<-c.listenerDone
 }

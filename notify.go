@@ -1,12 +1,20 @@
 package pgstore
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"runtime"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // EventType says what happened to a table or record.
@@ -165,4 +173,344 @@ func notifyDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table
 	}
 	_, err = tx.Exec(ctx, "SELECT pg_notify($1, $2)", schema, string(payload))
 	return err
+}
+
+// An Event is one change delivered to a subscription.
+type Event struct {
+	Type   EventType
+	Schema string
+	// Table is empty for Resync.
+	Table string
+	// ID and Key ("table/id") are empty for table events and Resync.
+	ID  string
+	Key string
+	// Version is the record's version after an insert or update, and the
+	// version it had when it was deleted.
+	Version int64
+}
+
+// A Filter narrows what a subscription receives.
+type Filter func(*subscribeConfig) error
+
+type subscribeConfig struct {
+	schema string
+	types  eventSet // empty: all
+	tables map[string]bool
+}
+
+// ForEvents delivers only events of the given types. Resync is delivered
+// whatever the filter, since it means events may be missing.
+func ForEvents(types ...EventType) Filter {
+	return func(sc *subscribeConfig) error {
+		for _, t := range types {
+			if t < CreateTable || t > Resync {
+				return fmt.Errorf("ForEvents: unknown event type %v", t)
+			}
+			sc.types |= 1 << t
+		}
+		return nil
+	}
+}
+
+// ForTables delivers only events of the named tables (and Resync).
+func ForTables(names ...string) Filter {
+	return func(sc *subscribeConfig) error {
+		if sc.tables == nil {
+			sc.tables = make(map[string]bool)
+		}
+		for _, name := range names {
+			if err := checkIdentifier("table", name); err != nil {
+				return fmt.Errorf("ForTables: %w", err)
+			}
+			sc.tables[name] = true
+		}
+		return nil
+	}
+}
+
+// ForSchema subscribes to the events of another schema than the connector's,
+// such as one written by connectors of another application.
+func ForSchema(name string) Filter {
+	return func(sc *subscribeConfig) error {
+		if err := checkIdentifier("schema", name); err != nil {
+			return fmt.Errorf("ForSchema: %w", err)
+		}
+		sc.schema = name
+		return nil
+	}
+}
+
+// subscriptionQueue bounds the notifications (each up to 8000 bytes of
+// changes of one table) waiting for one subscription's handler.
+const subscriptionQueue = 1024
+
+// A notice is the events of one notification, shared by every subscription
+// that receives it.
+type notice struct {
+	typ    EventType
+	table  string
+	events []Event
+}
+
+// A Subscription delivers events to its handler, one at a time and in the
+// order the database committed them, on a goroutine of its own.
+type Subscription struct {
+	c       *Connector
+	cfg     subscribeConfig
+	handler func(Event)
+	queue   chan *notice
+	wake    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+	gid     atomic.Uint64 // the delivering goroutine
+
+	mu   sync.Mutex
+	lost bool // the queue overflowed: drop notices until Resync is delivered
+
+	closeOnce sync.Once
+}
+
+// Subscribe calls handler for every change in the connector's schema (or the
+// one named by ForSchema) that passes the filters. It returns once the server
+// is listening: every change committed after Subscribe returns is delivered,
+// unless a Resync event says that some may have been missed.
+//
+// Each subscription has its own goroutine and a bounded queue, so a slow
+// handler delays only itself; if its queue overflows it receives a Resync in
+// place of what was dropped. A handler that panics is recovered, the panic
+// logged, and the subscription goes on.
+func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters ...Filter) (*Subscription, error) {
+	if handler == nil {
+		return nil, errors.New("pgstore: Subscribe: handler is nil")
+	}
+	if c.closing.Load() {
+		return nil, ErrClosed
+	}
+	s := &Subscription{
+		c:       c,
+		cfg:     subscribeConfig{schema: c.cfg.schema},
+		handler: handler,
+		queue:   make(chan *notice, subscriptionQueue),
+		wake:    make(chan struct{}, 1),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	for _, f := range filters {
+		if err := f(&s.cfg); err != nil {
+			return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
+		}
+	}
+	c.startListener()
+	c.subsMu.Lock()
+	if c.subs == nil { // closed meanwhile
+		c.subsMu.Unlock()
+		return nil, ErrClosed
+	}
+	if c.subs[s.cfg.schema] == nil {
+		c.subs[s.cfg.schema] = make(map[*Subscription]struct{})
+	}
+	c.subs[s.cfg.schema][s] = struct{}{}
+	c.subsMu.Unlock()
+	go s.deliver()
+	if err := c.listener.Listen(ctx, s.cfg.schema); err != nil {
+		s.close(false)
+		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", s.cfg.schema, err)
+	}
+	return s, nil
+}
+
+// Close stops the subscription. Once Close returns the handler is not called
+// again; called from the handler itself, Close returns at once.
+func (s *Subscription) Close() {
+	s.close(true)
+}
+
+func (s *Subscription) close(unlisten bool) {
+	s.closeOnce.Do(func() {
+		s.c.subsMu.Lock()
+		delete(s.c.subs[s.cfg.schema], s)
+		s.c.subsMu.Unlock()
+		if unlisten {
+			s.c.listener.Unlisten(s.cfg.schema)
+		}
+		close(s.stop)
+	})
+	if s.gid.Load() != goid() {
+		<-s.done
+	}
+}
+
+func (s *Subscription) accepts(n *notice) bool {
+	if n.typ == Resync {
+		return true
+	}
+	return (s.cfg.types == 0 || s.cfg.types.has(n.typ)) && (s.cfg.tables == nil || s.cfg.tables[n.table])
+}
+
+// push queues a notice without ever blocking the listener.
+func (s *Subscription) push(n *notice) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lost {
+		return // the coming Resync covers it
+	}
+	select {
+	case s.queue <- n:
+	default:
+		s.lost = true
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (s *Subscription) deliver() {
+	defer close(s.done)
+	s.gid.Store(goid())
+	for {
+		select {
+		case <-s.stop:
+			return
+		case n := <-s.queue:
+			for _, e := range n.events {
+				if !s.call(e) {
+					return
+				}
+			}
+		case <-s.wake:
+		}
+		s.mu.Lock()
+		resync := s.lost && len(s.queue) == 0
+		if resync {
+			s.lost = false
+		}
+		s.mu.Unlock()
+		if resync && !s.call(Event{Type: Resync, Schema: s.cfg.schema}) {
+			return
+		}
+	}
+}
+
+// call runs the handler unless the subscription is closed, and survives a
+// panic in it.
+func (s *Subscription) call(e Event) (open bool) {
+	select {
+	case <-s.stop:
+		return false
+	default:
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			s.c.cfg.logger.Error("pgstore: subscription handler panicked", "event", e.Type.String(), "key", e.Key, "panic", r)
+		}
+	}()
+	s.handler(e)
+	return true
+}
+
+// goid returns the current goroutine's id, so that Subscription.Close can
+// tell whether it runs inside the handler, where waiting for the handler to
+// return would wait forever.
+func goid() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	id, _ := strconv.ParseUint(string(b[:bytes.IndexByte(b, ' ')]), 10, 64)
+	return id
+}
+
+// startListener starts the connector's LISTEN connection on first use.
+func (c *Connector) startListener() {
+	c.listenerOnce.Do(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		c.stopListener = cancel
+		go func() {
+			defer close(c.listenerDone)
+			c.listener.Run(ctx)
+		}()
+	})
+}
+
+// dispatch hands a notification to the subscriptions of its schema.
+func (c *Connector) dispatch(n *pgconn.Notification) {
+	nt, err := parseNotice(n.Payload)
+	if err != nil {
+		c.cfg.logger.Warn("pgstore: ignoring a notification that is not pgstore's", "channel", n.Channel, "err", err)
+		return
+	}
+	for i := range nt.events {
+		nt.events[i].Schema = n.Channel
+	}
+	c.broadcast(n.Channel, nt)
+}
+
+// resyncAll tells every subscription that events may have been missed.
+func (c *Connector) resyncAll() {
+	c.subsMu.RLock()
+	schemas := make([]string, 0, len(c.subs))
+	for schema := range c.subs {
+		schemas = append(schemas, schema)
+	}
+	c.subsMu.RUnlock()
+	for _, schema := range schemas {
+		c.broadcast(schema, &notice{typ: Resync, events: []Event{{Type: Resync, Schema: schema}}})
+	}
+}
+
+func (c *Connector) broadcast(schema string, nt *notice) {
+	c.subsMu.RLock()
+	defer c.subsMu.RUnlock()
+	for s := range c.subs[schema] {
+		if s.accepts(nt) {
+			s.push(nt)
+		}
+	}
+}
+
+// parseNotice decodes a payload of notifyFunctionSQL or notifyDDL.
+func parseNotice(payload string) (*notice, error) {
+	var p struct {
+		Op    string              `json:"op"`
+		Table string              `json:"table"`
+		Rows  [][]json.RawMessage `json:"rows"`
+	}
+	if err := json.Unmarshal([]byte(payload), &p); err != nil {
+		return nil, err
+	}
+	typ, ok := payloadOps[p.Op]
+	if !ok || p.Table == "" {
+		return nil, fmt.Errorf("unknown op %q or no table", p.Op)
+	}
+	nt := &notice{typ: typ, table: p.Table}
+	if typ == CreateTable || typ == DestroyTable {
+		nt.events = []Event{{Type: typ, Table: p.Table}}
+		return nt, nil
+	}
+	nt.events = make([]Event, 0, len(p.Rows))
+	for _, row := range p.Rows {
+		if len(row) < 2 {
+			return nil, fmt.Errorf("row %s is too short", row)
+		}
+		var id string
+		if string(row[0]) == "null" && len(row) == 3 {
+			var b64 string
+			if err := json.Unmarshal(row[2], &b64); err != nil {
+				return nil, err
+			}
+			raw, err := base64.StdEncoding.DecodeString(b64)
+			if err != nil {
+				return nil, err
+			}
+			id = string(raw)
+		} else if err := json.Unmarshal(row[0], &id); err != nil {
+			return nil, err
+		}
+		version, err := strconv.ParseInt(string(row[1]), 10, 64)
+		if err != nil {
+			return nil, err
+		}
+		nt.events = append(nt.events, Event{Type: typ, Table: p.Table, ID: id, Key: p.Table + "/" + id, Version: version})
+	}
+	return nt, nil
 }

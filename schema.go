@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"unicode/utf8"
@@ -201,4 +202,271 @@ func prepareSchema(ctx context.Context, db beginner, schema string) error {
 
 type beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// ErrSchemaNotFound is returned by DestroySchema for a schema that does not
+// exist.
+var ErrSchemaNotFound = errors.New("pgstore: schema not found")
+
+// listTablesSQL lists pgstore's tables in a schema ($1) with the names of
+// their pgstore triggers; tables made by hand are left out.
+const listTablesSQL = `SELECT c.relname, coalesce(array_agg(t.tgname ORDER BY t.tgname) FILTER (WHERE t.tgname IS NOT NULL), '{}')
+	FROM pg_class c
+	JOIN pg_namespace n ON n.oid = c.relnamespace
+	LEFT JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname LIKE 'pgstore\_%'
+	WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = '` + tableMarker + `'
+	GROUP BY c.relname ORDER BY c.relname`
+
+type tableTriggers struct {
+	name     string
+	triggers []string
+}
+
+func listTables(ctx context.Context, q interface {
+	Query(context.Context, string, ...any) (pgx.Rows, error)
+}, schema string) ([]tableTriggers, error) {
+	rows, err := q.Query(ctx, listTablesSQL, schema)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (tableTriggers, error) {
+		var t tableTriggers
+		err := row.Scan(&t.name, &t.triggers)
+		return t, err
+	})
+}
+
+// syncTriggers gives the existing tables of the schema the triggers of the
+// events now configured, so that changing WithEvents takes effect on the
+// next Connect. Tables already in line cost one catalogue query.
+func syncTriggers(ctx context.Context, db beginner, schema string, events eventSet) error {
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+			return err
+		}
+		tables, err := listTables(ctx, tx, schema)
+		if err != nil {
+			return err
+		}
+		for _, t := range tables {
+			for _, tr := range rowTriggers {
+				has := slices.Contains(t.triggers, tr.name)
+				if has == events.has(tr.event) {
+					continue
+				}
+				ident := pgx.Identifier{schema, t.name}.Sanitize()
+				sql := "DROP TRIGGER " + tr.name + " ON " + ident
+				if !has {
+					sql = triggerSQL(schema, t.name, eventSet(1<<tr.event))[0]
+				}
+				if _, err := tx.Exec(ctx, sql); err != nil {
+					return fmt.Errorf("table %q: %w", t.name, err)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// CreateSchema creates a schema, ready for connectors, if it does not exist.
+func (c *Connector) CreateSchema(ctx context.Context, name string) error {
+	if c.closing.Load() {
+		return ErrClosed
+	}
+	if err := checkIdentifier("schema", name); err != nil {
+		return fmt.Errorf("pgstore: CreateSchema: %w", err)
+	}
+	if err := prepareSchema(ctx, c.pool, name); err != nil {
+		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
+	}
+	return nil
+}
+
+// systemSchema reports whether PostgreSQL owns the schema.
+func systemSchema(name string) bool {
+	return name == "public" || name == "information_schema" || strings.HasPrefix(name, "pg_")
+}
+
+// DestroySchema drops a schema with all its tables, announcing DESTROY_TABLE
+// for each pgstore table when that event is on. It refuses PostgreSQL's own
+// schemas and returns ErrSchemaNotFound for one that does not exist. Writes
+// still buffered for the connector's own schema create it again when flushed.
+func (c *Connector) DestroySchema(ctx context.Context, name string) error {
+	if c.closing.Load() {
+		return ErrClosed
+	}
+	if err := checkIdentifier("schema", name); err != nil {
+		return fmt.Errorf("pgstore: DestroySchema: %w", err)
+	}
+	if systemSchema(name) {
+		return fmt.Errorf("pgstore: DestroySchema: refusing to drop the system schema %q", name)
+	}
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, ddlLockSQL, name); err != nil {
+			return err
+		}
+		var exists bool
+		if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", name).Scan(&exists); err != nil {
+			return err
+		}
+		if !exists {
+			return fmt.Errorf("%w: %q", ErrSchemaNotFound, name)
+		}
+		tables, err := listTables(ctx, tx, name)
+		if err != nil {
+			return err
+		}
+		if c.cfg.events.has(DestroyTable) {
+			for _, t := range tables {
+				if err := notifyDDL(ctx, tx, name, DestroyTable, t.name); err != nil {
+					return err
+				}
+			}
+		}
+		_, err = tx.Exec(ctx, "DROP SCHEMA "+pgx.Identifier{name}.Sanitize()+" CASCADE")
+		return err
+	})
+	if err != nil {
+		if errors.Is(err, ErrSchemaNotFound) {
+			return err
+		}
+		return fmt.Errorf("pgstore: destroy schema %q: %w", name, err)
+	}
+	if name == c.cfg.schema {
+		c.forgetTables()
+	}
+	return nil
+}
+
+// DropTable drops a table of the connector's schema, announcing
+// DESTROY_TABLE when that event is on. It returns ErrNotFound if there is no
+// such pgstore table. Writes to it still buffered create it again when
+// flushed.
+func (c *Connector) DropTable(ctx context.Context, name string) error {
+	if c.closing.Load() {
+		return ErrClosed
+	}
+	if err := checkIdentifier("table", name); err != nil {
+		return fmt.Errorf("pgstore: DropTable: %w", err)
+	}
+	schema := c.cfg.schema
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+			return err
+		}
+		var exists bool
+		err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE n.nspname = $1 AND c.relname = $2 AND obj_description(c.oid, 'pg_class') = '`+tableMarker+`')`,
+			schema, name).Scan(&exists)
+		if err != nil {
+			return err
+		}
+		if !exists {
+			return ErrNotFound
+		}
+		if c.cfg.events.has(DestroyTable) {
+			if err := notifyDDL(ctx, tx, schema, DestroyTable, name); err != nil {
+				return err
+			}
+		}
+		_, err = tx.Exec(ctx, "DROP TABLE "+pgx.Identifier{schema, name}.Sanitize())
+		return err
+	})
+	if errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("pgstore: DropTable %q: %w", name, err)
+	}
+	if err != nil {
+		return fmt.Errorf("pgstore: drop table %q: %w", name, err)
+	}
+	c.mu.Lock()
+	if t := c.tables[name]; t != nil {
+		t.created.Store(false)
+	}
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *Connector) forgetTables() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, t := range c.tables {
+		t.created.Store(false)
+	}
+}
+
+// GetSchemaOverview returns the number of records in each table of the
+// connector's schema. See GetSchemaOverviewOf.
+func (c *Connector) GetSchemaOverview(ctx context.Context) (map[string]int64, error) {
+	return c.GetSchemaOverviewOf(ctx, c.cfg.schema, false)
+}
+
+// GetSchemaOverviewOf returns the number of records in each pgstore table of
+// a schema; tables made by hand are left out, and a schema that does not
+// exist has none. Counts are exact, which reads every table in full; with
+// estimate they come from the planner's statistics instead (pg_class.reltuples,
+// as of the last VACUUM or ANALYZE, -1 for a table never analysed), which
+// costs nothing on schemas of millions of records. Buffered writes are not
+// counted.
+func (c *Connector) GetSchemaOverviewOf(ctx context.Context, schema string, estimate bool) (map[string]int64, error) {
+	if c.closing.Load() {
+		return nil, ErrClosed
+	}
+	if err := checkIdentifier("schema", schema); err != nil {
+		return nil, fmt.Errorf("pgstore: GetSchemaOverview: %w", err)
+	}
+	overview := make(map[string]int64)
+	if estimate {
+		rows, err := c.pool.Query(ctx, `SELECT c.relname, c.reltuples::bigint FROM pg_class c
+			JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = '`+tableMarker+`'`, schema)
+		if err != nil {
+			return nil, fmt.Errorf("pgstore: schema overview of %q: %w", schema, err)
+		}
+		var name string
+		var count int64
+		_, err = pgx.ForEachRow(rows, []any{&name, &count}, func() error {
+			overview[name] = count
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("pgstore: schema overview of %q: %w", schema, err)
+		}
+		return overview, nil
+	}
+	for attempt := 1; ; attempt++ {
+		err := c.countRecords(ctx, schema, overview)
+		if err == nil {
+			return overview, nil
+		}
+		if !isUndefinedTable(err) || attempt == 3 { // a table dropped meanwhile: look again
+			return nil, fmt.Errorf("pgstore: schema overview of %q: %w", schema, err)
+		}
+		clear(overview)
+	}
+}
+
+// countRecords counts the records of every pgstore table of a schema in one
+// statement, so that the counts are of one snapshot.
+func (c *Connector) countRecords(ctx context.Context, schema string, overview map[string]int64) error {
+	tables, err := listTables(ctx, c.pool, schema)
+	if err != nil || len(tables) == 0 {
+		return err
+	}
+	parts := make([]string, len(tables))
+	args := make([]any, len(tables))
+	for i, t := range tables {
+		parts[i] = fmt.Sprintf("SELECT $%d::text, count(*) FROM %s", i+1, pgx.Identifier{schema, t.name}.Sanitize())
+		args[i] = t.name
+	}
+	rows, err := c.pool.Query(ctx, strings.Join(parts, " UNION ALL "), args...)
+	if err != nil {
+		return err
+	}
+	var name string
+	var count int64
+	_, err = pgx.ForEachRow(rows, []any{&name, &count}, func() error {
+		overview[name] = count
+		return nil
+	})
+	return err
 }
