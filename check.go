@@ -1,0 +1,446 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// A Report is what Check found: the server, who pgstore connects as, and the
+// result of each check. Print it with String.
+type Report struct {
+	// ServerVersion is the server's version as it reports it
+	// (server_version), such as "15.20 (Debian 15.20-0+deb12u1)".
+	ServerVersion string
+	// User and Database are the role pgstore connects as (current_user) and
+	// its database; Schema is the connector's schema.
+	User, Database, Schema string
+	// Checks are the results, in the order they ran.
+	Checks []CheckResult
+}
+
+// A CheckResult is the outcome of one check of a Report.
+type CheckResult struct {
+	// Name says what was checked, such as "schema privileges".
+	Name string
+	OK   bool
+	// Detail is what the check found; for a failed check, why it fails.
+	Detail string
+	// Fix is, for a failed check, what fixes it: SQL statements for a
+	// superuser (or the owner of the objects) to run, one per line, or the
+	// change to make when SQL cannot fix it.
+	Fix string
+}
+
+// OK reports whether the report holds checks and every one passed.
+func (r Report) OK() bool {
+	for _, c := range r.Checks {
+		if !c.OK {
+			return false
+		}
+	}
+	return len(r.Checks) > 0
+}
+
+// String returns the report as text for people: one line per check, and
+// under each failed one its fix.
+func (r Report) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "pgstore check of schema %s as role %s on database %s\n",
+		quoteIdent(r.Schema), quoteIdent(r.User), quoteIdent(r.Database))
+	failed := 0
+	for _, c := range r.Checks {
+		status := "ok  "
+		if !c.OK {
+			status = "FAIL"
+			failed++
+		}
+		fmt.Fprintf(&b, "  %s  %s: %s\n", status, c.Name, c.Detail)
+		if !c.OK && c.Fix != "" {
+			for i, line := range strings.Split(c.Fix, "\n") {
+				prefix := "fix:"
+				if i > 0 {
+					prefix = "    "
+				}
+				fmt.Fprintf(&b, "        %s %s\n", prefix, line)
+			}
+		}
+	}
+	switch {
+	case len(r.Checks) == 0:
+		b.WriteString("no checks ran\n")
+	case failed == 0:
+		fmt.Fprintf(&b, "all %d checks passed\n", len(r.Checks))
+	default:
+		fmt.Fprintf(&b, "%d of %d checks failed\n", failed, len(r.Checks))
+	}
+	return b.String()
+}
+
+// Check limits.
+const (
+	// minServerVersion is the first release with what pgstore's DDL uses:
+	// CREATE TRIGGER ... EXECUTE FUNCTION and hashtextextended.
+	minServerVersion = 110000
+	// notifyTimeout bounds the wait for the test notification.
+	notifyTimeout = 5 * time.Second
+	// queueWarnUsage is the share of the notification queue above which
+	// Check fails: when the queue is full, every NOTIFY, and so every
+	// write to a pgstore table, fails at commit.
+	queueWarnUsage = 0.5
+)
+
+// Check verifies what the connector needs from the server, as an operator
+// would before going live, and returns a report of what passed and, for
+// what failed, why and the statement that fixes it. The checks, in order:
+//
+//   - "server version": PostgreSQL 11 or later.
+//   - "writable": a primary that accepts writes.
+//   - "schema": the schema exists, or the role may create it (CREATE on the
+//     database).
+//   - "schema privileges": USAGE and CREATE on the schema.
+//   - "trigger function": the role may execute pgstore's trigger function,
+//     if it exists.
+//   - "table ownership": the role owns every pgstore table of the schema,
+//     as changing a table's triggers or dropping it requires.
+//   - "LISTEN/NOTIFY": a notification sent on one connection of the pool
+//     reaches another that listens, which a bouncer in transaction mode
+//     prevents.
+//   - "notification queue": the server's queue is at most half full.
+//
+// Check changes nothing in the database. Its error is only for when it
+// cannot run at all (the server does not answer, ctx ends); failed checks
+// are in the report.
+func (c *Connector) Check(ctx context.Context) (Report, error) {
+	if c.closing.Load() {
+		return Report{}, ErrClosed
+	}
+	r := Report{Schema: c.cfg.schema}
+	if err := c.pool.Ping(ctx); err != nil {
+		return r, fmt.Errorf("pgstore: check: connect: %w", err)
+	}
+	for _, check := range []func(context.Context, *Report) error{
+		c.checkServer,
+		c.checkSchema,
+		c.checkOwnership,
+		c.checkNotify,
+		c.checkQueue,
+	} {
+		if err := check(ctx, &r); err != nil {
+			return r, fmt.Errorf("pgstore: check: %w", err)
+		}
+	}
+	return r, nil
+}
+
+// Check connects like Connect and runs Connector.Check, but prepares
+// nothing: where Connect fails because a grant or the schema is missing,
+// Check reports what is missing and the statement that fixes it. The pool it
+// opens is closed before it returns.
+func Check(ctx context.Context, connString string, opts ...Option) (Report, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return Report{}, err
+	}
+	poolCfg, err := pgxpool.ParseConfig(connString)
+	if err != nil {
+		return Report{}, connStringError(connString, err)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return Report{}, fmt.Errorf("pgstore: %w", err)
+	}
+	defer pool.Close()
+	c := &Connector{pool: pool, cfg: cfg}
+	return c.Check(ctx)
+}
+
+func (r *Report) add(name string, ok bool, detail, fix string) {
+	if ok {
+		fix = ""
+	}
+	r.Checks = append(r.Checks, CheckResult{Name: name, OK: ok, Detail: detail, Fix: fix})
+}
+
+func quoteIdent(name string) string { return pgx.Identifier{name}.Sanitize() }
+
+func (c *Connector) checkServer(ctx context.Context, r *Report) error {
+	var versionNum int
+	var inRecovery, readOnly bool
+	err := c.pool.QueryRow(ctx, `SELECT current_setting('server_version'), current_setting('server_version_num')::int,
+		current_user, current_database(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'`).
+		Scan(&r.ServerVersion, &versionNum, &r.User, &r.Database, &inRecovery, &readOnly)
+	if err != nil {
+		return err
+	}
+	r.add("server version", versionNum >= minServerVersion,
+		fmt.Sprintf("PostgreSQL %s; pgstore needs %d or later", r.ServerVersion, minServerVersion/10000),
+		fmt.Sprintf("upgrade the server to PostgreSQL %d or later", minServerVersion/10000))
+	switch {
+	case inRecovery:
+		r.add("writable", false, "the server is a standby in recovery, which refuses writes",
+			"connect to the primary; with several hosts in the connection string, add target_session_attrs=read-write")
+	case readOnly:
+		r.add("writable", false, fmt.Sprintf("transactions of role %s are read-only (default_transaction_read_only is on)", quoteIdent(r.User)),
+			fmt.Sprintf("ALTER ROLE %s SET default_transaction_read_only = off;", quoteIdent(r.User)))
+	default:
+		r.add("writable", true, "a primary accepting writes", "")
+	}
+	return nil
+}
+
+func (c *Connector) checkSchema(ctx context.Context, r *Report) error {
+	var exists, usage, create, createSchemas, fnExists, fnExecute bool
+	err := c.pool.QueryRow(ctx, `SELECT n.oid IS NOT NULL,
+			coalesce(has_schema_privilege(n.oid, 'USAGE'), false),
+			coalesce(has_schema_privilege(n.oid, 'CREATE'), false),
+			has_database_privilege(current_database(), 'CREATE'),
+			p.oid IS NOT NULL,
+			coalesce(has_function_privilege(p.oid, 'EXECUTE'), false)
+		FROM (SELECT) AS one
+		LEFT JOIN pg_namespace n ON n.nspname = $1
+		LEFT JOIN pg_proc p ON p.pronamespace = n.oid AND p.proname = $2 AND p.pronargs = 0`,
+		c.cfg.schema, notifyFunction).Scan(&exists, &usage, &create, &createSchemas, &fnExists, &fnExecute)
+	if err != nil {
+		return err
+	}
+	schema, role := quoteIdent(c.cfg.schema), quoteIdent(r.User)
+	function := pgx.Identifier{c.cfg.schema, notifyFunction}.Sanitize() + "()"
+
+	if !exists {
+		if createSchemas {
+			r.add("schema", true, fmt.Sprintf("%s does not exist yet; role %s may create it", schema, role), "")
+		} else {
+			r.add("schema", false,
+				fmt.Sprintf("%s does not exist, and role %s may not create schemas in database %s (or have the schema created for the role: CREATE SCHEMA %s AUTHORIZATION %s;)",
+					schema, role, quoteIdent(r.Database), schema, role),
+				fmt.Sprintf("GRANT CREATE ON DATABASE %s TO %s;", quoteIdent(r.Database), role))
+		}
+		r.add("schema privileges", true, fmt.Sprintf("pgstore creates %s, owned by role %s", schema, role), "")
+		r.add("trigger function", true, fmt.Sprintf("pgstore creates %s", function), "")
+		return nil
+	}
+
+	r.add("schema", true, schema+" exists", "")
+	var missing []string
+	if !usage {
+		missing = append(missing, "USAGE")
+	}
+	if !create {
+		missing = append(missing, "CREATE")
+	}
+	if len(missing) == 0 {
+		r.add("schema privileges", true, fmt.Sprintf("role %s has USAGE and CREATE on %s", role, schema), "")
+	} else {
+		r.add("schema privileges", false,
+			fmt.Sprintf("role %s lacks %s on schema %s: pgstore needs USAGE to use its tables and CREATE to add tables", role, strings.Join(missing, " and "), schema),
+			fmt.Sprintf("GRANT %s ON SCHEMA %s TO %s;", strings.Join(missing, ", "), schema, role))
+	}
+	switch {
+	case !fnExists:
+		r.add("trigger function", true, fmt.Sprintf("pgstore creates %s", function), "")
+	case fnExecute:
+		r.add("trigger function", true, fmt.Sprintf("role %s may execute %s", role, function), "")
+	default:
+		r.add("trigger function", false,
+			fmt.Sprintf("role %s may not execute %s, which the triggers of new tables call", role, function),
+			fmt.Sprintf("GRANT EXECUTE ON FUNCTION %s TO %s;", function, role))
+	}
+	return nil
+}
+
+func (c *Connector) checkOwnership(ctx context.Context, r *Report) error {
+	rows, err := c.pool.Query(ctx, `SELECT c.relname, pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE')
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = $2
+		ORDER BY c.relname`, c.cfg.schema, tableMarker)
+	if err != nil {
+		return err
+	}
+	var name, owner string
+	var owned bool
+	var total int
+	var others, fixes []string
+	role := quoteIdent(r.User)
+	_, err = pgx.ForEachRow(rows, []any{&name, &owner, &owned}, func() error {
+		total++
+		if !owned {
+			others = append(others, fmt.Sprintf("%s (owner %s)", quoteIdent(name), quoteIdent(owner)))
+			fixes = append(fixes, fmt.Sprintf("ALTER TABLE %s OWNER TO %s;", pgx.Identifier{c.cfg.schema, name}.Sanitize(), role))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	switch {
+	case total == 0:
+		r.add("table ownership", true, fmt.Sprintf("%s holds no pgstore tables yet", quoteIdent(c.cfg.schema)), "")
+		return nil
+	case len(others) == 0:
+		r.add("table ownership", true, fmt.Sprintf("role %s owns the %d pgstore tables of %s", role, total, quoteIdent(c.cfg.schema)), "")
+		return nil
+	}
+	r.add("table ownership", false,
+		fmt.Sprintf("role %s does not own %d of the %d pgstore tables of %s, and it must own them to change their triggers or drop them: %s",
+			role, len(others), total, quoteIdent(c.cfg.schema), strings.Join(others, ", ")),
+		strings.Join(fixes, "\n"))
+	return nil
+}
+
+// checkNotify sends a notification on one connection and waits for it on
+// another, both from the pool, as the change feed does.
+func (c *Connector) checkNotify(ctx context.Context, r *Report) error {
+	const name = "LISTEN/NOTIFY"
+	acquired, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	// The listening connection is closed afterwards rather than returned
+	// to the pool, and hijacking it frees its place for the NOTIFY, even
+	// with a pool of one.
+	conn := acquired.Hijack()
+	defer func() {
+		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		conn.Close(closeCtx)
+	}()
+
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	channel := "pgstore_check_" + hex.EncodeToString(b[:])
+	payload := hex.EncodeToString(b[:4])
+	fail := func(format string, args ...any) error {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		r.add(name, false, fmt.Sprintf(format, args...),
+			"connect pgstore to PostgreSQL directly or through a bouncer in session mode (PgBouncer pool_mode = session): the change feed needs a session of its own for LISTEN")
+		return nil
+	}
+	if _, err := conn.Exec(ctx, "LISTEN "+quoteIdent(channel)); err != nil {
+		return fail("LISTEN failed: %v", err)
+	}
+	start := time.Now()
+	if _, err := c.pool.Exec(ctx, "SELECT pg_notify($1, $2)", channel, payload); err != nil {
+		return fail("NOTIFY failed: %v", err)
+	}
+	waitCtx, cancel := context.WithTimeout(ctx, notifyTimeout)
+	defer cancel()
+	for {
+		n, err := conn.WaitForNotification(waitCtx)
+		if err != nil {
+			if waitCtx.Err() != nil && ctx.Err() == nil {
+				return fail("no notification came back within %v; a bouncer in transaction or statement mode between pgstore and PostgreSQL loses them", notifyTimeout)
+			}
+			return fail("waiting for the notification: %v", err)
+		}
+		if n.Channel == channel && n.Payload == payload {
+			r.add(name, true, fmt.Sprintf("a notification came back in %v", time.Since(start).Round(100*time.Microsecond)), "")
+			return nil
+		}
+	}
+}
+
+func (c *Connector) checkQueue(ctx context.Context, r *Report) error {
+	var usage float64
+	if err := c.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage); err != nil {
+		return err
+	}
+	detail := fmt.Sprintf("%.1f%% used", usage*100)
+	if usage <= queueWarnUsage {
+		r.add("notification queue", true, detail, "")
+		return nil
+	}
+	r.add("notification queue", false,
+		detail+": a session that LISTENs does not read its notifications (often one left idle in a transaction); when the queue is full, every write to a pgstore table fails",
+		"find the oldest transactions: SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity WHERE xact_start IS NOT NULL ORDER BY xact_start LIMIT 5;\n"+
+			"then end the culprit's session: SELECT pg_terminate_backend(<pid>);")
+	return nil
+}
+
+// connStringError wraps an error of pgxpool.ParseConfig, explaining the
+// cases where pgx's message leaves the fix unclear: a client certificate
+// without its key or the reverse (pgx says only that both are required).
+func connStringError(connString string, err error) error {
+	if strings.Contains(err.Error(), `"sslcert" and "sslkey"`) {
+		cert := connSetting(connString, "sslcert", "PGSSLCERT")
+		key := connSetting(connString, "sslkey", "PGSSLKEY")
+		switch {
+		case cert != "" && key == "":
+			return fmt.Errorf("pgstore: sslcert is set (%q) but sslkey is not: a client certificate needs the file of its private key too; set sslkey: %w", cert, err)
+		case key != "" && cert == "":
+			return fmt.Errorf("pgstore: sslkey is set (%q) but sslcert is not: a client key needs the file of its certificate too; set sslcert: %w", key, err)
+		}
+	}
+	return fmt.Errorf("pgstore: %w", err) // pgx redacts the password
+}
+
+// connSetting returns a setting of a connection string, in URL or
+// keyword/value form, or else the environment variable pgx reads for it.
+func connSetting(connString, key, env string) string {
+	var settings map[string]string
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		settings = make(map[string]string)
+		if _, query, ok := strings.Cut(connString, "?"); ok {
+			values, _ := url.ParseQuery(query) // what parses is enough here
+			for k, v := range values {
+				settings[k] = v[len(v)-1]
+			}
+		}
+	} else {
+		settings = keywordValues(connString)
+	}
+	if v, ok := settings[key]; ok {
+		return v
+	}
+	return os.Getenv(env)
+}
+
+// keywordValues parses a keyword/value connection string (host=x
+// sslkey='a b') as libpq does, as far as it goes.
+func keywordValues(s string) map[string]string {
+	const space = " \t\n\r\v\f"
+	settings := make(map[string]string)
+	for {
+		s = strings.TrimLeft(s, space)
+		key, rest, ok := strings.Cut(s, "=")
+		if !ok {
+			return settings
+		}
+		s = strings.TrimLeft(rest, space)
+		quoted := strings.HasPrefix(s, "'")
+		if quoted {
+			s = s[1:]
+		}
+		var val strings.Builder
+		i := 0
+		for ; i < len(s); i++ {
+			ch := s[i]
+			if quoted && ch == '\'' {
+				i++
+				break
+			}
+			if !quoted && strings.IndexByte(space, ch) >= 0 {
+				break
+			}
+			if ch == '\\' && i+1 < len(s) {
+				i++
+				ch = s[i]
+			}
+			val.WriteByte(ch)
+		}
+		settings[strings.TrimSpace(key)] = val.String()
+		s = s[i:]
+	}
+}

@@ -1,0 +1,543 @@
+package pgstore_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
+)
+
+// checkNames are the checks of every report, in order.
+var checkNames = []string{
+	"server version", "writable", "schema", "schema privileges", "trigger function",
+	"table ownership", "LISTEN/NOTIFY", "notification queue",
+}
+
+func ExampleConnector_Check() {
+	defer checkExampleDrop("pgstore_example_check")
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, checkExampleURL(), pgstore.WithSchema("pgstore_example_check"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	report, err := c.Check(ctx)
+	if err != nil {
+		log.Fatal(err) // the checks could not run
+	}
+	if !report.OK() {
+		fmt.Print(report) // each failed check, with its fix
+	}
+	fmt.Println(report.OK())
+	// Output: true
+}
+
+func ExampleCheck() {
+	// Before the first Connect: Check creates nothing, not even the schema.
+	report, err := pgstore.Check(context.Background(), checkExampleURL(), pgstore.WithSchema("pgstore_example_check"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	if !report.OK() {
+		fmt.Print(report)
+	}
+	fmt.Println(report.OK())
+	// Output: true
+}
+
+// checkExampleURL is the test server of the examples, which cannot skip:
+// the one named by PGSTORE_TEST_DATABASE_URL, else the local default.
+func checkExampleURL() string {
+	if u := os.Getenv(pgtest.EnvURL); u != "" {
+		return u
+	}
+	return pgtest.LocalURL
+}
+
+// checkExampleDrop drops an example's schema.
+func checkExampleDrop(schema string) {
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, checkExampleURL())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE"); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func TestReportString(t *testing.T) {
+	t.Parallel()
+	r := pgstore.Report{
+		ServerVersion: "15.20", User: "app", Database: "test", Schema: "ds",
+		Checks: []pgstore.CheckResult{
+			{Name: "schema", OK: true, Detail: `"ds" exists`},
+			{Name: "table ownership", Detail: `role "app" does not own 2 tables`,
+				Fix: "ALTER TABLE \"ds\".\"a\" OWNER TO \"app\";\nALTER TABLE \"ds\".\"b\" OWNER TO \"app\";"},
+		},
+	}
+	require.False(t, r.OK())
+	require.Equal(t, `pgstore check of schema "ds" as role "app" on database "test"
+  ok    schema: "ds" exists
+  FAIL  table ownership: role "app" does not own 2 tables
+        fix: ALTER TABLE "ds"."a" OWNER TO "app";
+             ALTER TABLE "ds"."b" OWNER TO "app";
+1 of 2 checks failed
+`, r.String())
+
+	r.Checks = r.Checks[:1]
+	require.True(t, r.OK())
+	require.True(t, strings.HasSuffix(r.String(), "all 1 checks passed\n"), r.String())
+	require.False(t, pgstore.Report{}.OK(), "a report without checks is not OK")
+}
+
+func TestCheckSuperuser(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	schema := pgtest.Schema(t)
+	c := chkConnect(t, pgtest.URL(t), schema)
+	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]int{"hp": 300}))
+
+	report, err := c.Check(ctx)
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+	require.Equal(t, checkNames, chkNames(report))
+	require.Equal(t, schema, report.Schema)
+	require.Equal(t, chkQueryString(t, "SELECT current_setting('server_version')"), report.ServerVersion)
+	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
+	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
+	require.Contains(t, report.String(), "all 8 checks passed")
+
+	// A pool of one connection is enough: the LISTEN connection leaves the
+	// pool, making room for the NOTIFY.
+	report, err = pgstore.Check(ctx, chkWithParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+}
+
+func TestCheckErrors(t *testing.T) {
+	t.Parallel()
+	c := chkConnect(t, pgtest.URL(t), pgtest.Schema(t))
+
+	ctx, cancel := context.WithCancel(chkCtx(t))
+	cancel()
+	_, err := c.Check(ctx)
+	require.ErrorIs(t, err, context.Canceled, "a check that cannot run returns an error")
+
+	require.NoError(t, c.Close(chkCtx(t)))
+	_, err = c.Check(chkCtx(t))
+	require.ErrorIs(t, err, pgstore.ErrClosed)
+
+	_, err = pgstore.Check(chkCtx(t), "postgres://nobody@127.0.0.1:1/none?connect_timeout=5")
+	require.ErrorContains(t, err, "connect")
+
+	_, err = pgstore.Check(chkCtx(t), pgtest.URL(t), pgstore.WithSchema(""))
+	require.ErrorContains(t, err, "WithSchema")
+}
+
+// TestCheckLeastPrivilege runs pgstore as a role with only the grants the
+// README lists: CONNECT on the database, and USAGE and CREATE on a schema
+// that an administrator created.
+func TestCheckLeastPrivilege(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	schema := pgtest.Schema(t)
+	chkAdmin(t, "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize())
+	_, roleURL := chkRole(t, schema,
+		"GRANT CONNECT ON DATABASE %[1]s TO %[2]s",
+		"GRANT USAGE, CREATE ON SCHEMA %[3]s TO %[2]s")
+
+	report, err := pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+
+	c, err := pgstore.Connect(ctx, roleURL, pgstore.WithSchema(schema))
+	if err != nil && strings.Contains(err.Error(), "permission denied for database") {
+		// setupSchema runs CREATE SCHEMA IF NOT EXISTS, which PostgreSQL
+		// refuses without CREATE on the database even when the schema
+		// exists.
+		t.Skipf("Connect needs CREATE on the database until setupSchema skips CREATE SCHEMA for an existing schema: %v", err)
+	}
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, c.Close(context.Background())) })
+
+	chkSetGetDelete(t, c)
+	report, err = c.Check(ctx)
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
+}
+
+// TestCheckRevokedGrants revokes the schema grants from a role that pgstore
+// runs as: Check names the missing grant, and its fix restores them.
+func TestCheckRevokedGrants(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	schema := pgtest.Schema(t)
+	chkAdmin(t, "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize())
+	role, roleURL := chkRole(t, schema,
+		"GRANT CONNECT, CREATE ON DATABASE %[1]s TO %[2]s", // CREATE for Connect's CREATE SCHEMA IF NOT EXISTS
+		"GRANT USAGE, CREATE ON SCHEMA %[3]s TO %[2]s")
+	c := chkConnect(t, roleURL, schema)
+	chkSetGetDelete(t, c)
+
+	chkAdmin(t, fmt.Sprintf("REVOKE USAGE, CREATE ON SCHEMA %s FROM %s", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()))
+	report, err := c.Check(ctx)
+	require.NoError(t, err)
+	require.False(t, report.OK(), report.String())
+	failed := chkFailed(report)
+	require.Equal(t, []string{"schema privileges"}, chkNames(pgstore.Report{Checks: failed}), report.String())
+	require.Contains(t, failed[0].Detail, "lacks USAGE and CREATE on schema")
+	require.Equal(t, fmt.Sprintf("GRANT USAGE, CREATE ON SCHEMA %s TO %s;", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()), failed[0].Fix)
+	require.Contains(t, report.String(), "fix: GRANT USAGE, CREATE ON SCHEMA")
+	require.Error(t, c.Set(ctx, "other/1", 1, 1), "without the grants, pgstore cannot create a table")
+
+	chkAdmin(t, "REVOKE CREATE ON SCHEMA "+pgx.Identifier{schema}.Sanitize()+" FROM "+pgx.Identifier{role}.Sanitize())
+	chkAdmin(t, "GRANT USAGE ON SCHEMA "+pgx.Identifier{schema}.Sanitize()+" TO "+pgx.Identifier{role}.Sanitize())
+	report, err = c.Check(ctx)
+	require.NoError(t, err)
+	require.Equal(t, fmt.Sprintf("GRANT CREATE ON SCHEMA %s TO %s;", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()),
+		chkFind(t, report, "schema privileges").Fix, "only the missing privilege is granted")
+
+	chkApplyFixes(t, report)
+	report, err = c.Check(ctx)
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+	require.NoError(t, c.Set(ctx, "other/1", 1, 1))
+}
+
+// TestCheckFixes gives a role nothing but CONNECT on a schema whose table an
+// administrator owns and whose trigger function PUBLIC may not execute:
+// Check reports each, and running the fixes it prints makes it pass.
+func TestCheckFixes(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	schema := pgtest.Schema(t)
+	admin := chkConnect(t, pgtest.URL(t), schema)
+	require.NoError(t, admin.Set(ctx, "cars/bmw", 1, 1))
+	require.NoError(t, admin.Set(ctx, `we"ird/1`, 1, 1))
+	chkAdmin(t, "REVOKE EXECUTE ON FUNCTION "+pgx.Identifier{schema, "pgstore_notify_v1"}.Sanitize()+"() FROM PUBLIC")
+	chkAdmin(t, "CREATE TABLE "+pgx.Identifier{schema, "by_hand"}.Sanitize()+" (x int)") // not pgstore's: not reported
+	role, roleURL := chkRole(t, schema, "GRANT CONNECT ON DATABASE %[1]s TO %[2]s")
+	s, r := pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()
+
+	report, err := pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.Equal(t, []string{"schema privileges", "trigger function", "table ownership"},
+		chkNames(pgstore.Report{Checks: chkFailed(report)}), report.String())
+	require.Equal(t, "GRANT USAGE, CREATE ON SCHEMA "+s+" TO "+r+";", chkFind(t, report, "schema privileges").Fix)
+	require.Equal(t, "GRANT EXECUTE ON FUNCTION "+s+`."pgstore_notify_v1"() TO `+r+";", chkFind(t, report, "trigger function").Fix)
+	ownership := chkFind(t, report, "table ownership")
+	require.Contains(t, ownership.Detail, "does not own 2 of the 2 pgstore tables")
+	require.Equal(t, "ALTER TABLE "+s+`."cars" OWNER TO `+r+";\nALTER TABLE "+s+`."we""ird" OWNER TO `+r+";", ownership.Fix)
+
+	chkApplyFixes(t, report)
+	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+}
+
+// TestCheckMissingSchema checks a role that may not create the schema it is
+// told to use.
+func TestCheckMissingSchema(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	schema := pgtest.Schema(t)
+	role, roleURL := chkRole(t, schema, "GRANT CONNECT ON DATABASE %[1]s TO %[2]s")
+
+	report, err := pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	failed := chkFailed(report)
+	require.Len(t, failed, 1, report.String())
+	require.Equal(t, "schema", failed[0].Name)
+	require.Contains(t, failed[0].Detail, "may not create schemas")
+	require.Equal(t, fmt.Sprintf("GRANT CREATE ON DATABASE %s TO %s;", pgx.Identifier{report.Database}.Sanitize(), pgx.Identifier{role}.Sanitize()), failed[0].Fix)
+
+	chkApplyFixes(t, report)
+	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+	require.Contains(t, chkFind(t, report, "schema").Detail, "may create it")
+
+	// With that grant, pgstore creates the schema and owns everything.
+	c := chkConnect(t, roleURL, schema)
+	chkSetGetDelete(t, c)
+	report, err = c.Check(ctx)
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+}
+
+// chkSetGetDelete writes, reads and deletes a record.
+func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
+	t.Helper()
+	ctx := chkCtx(t)
+	require.NoError(t, c.Set(ctx, "cars/bmw", 3, map[string]string{"color": "blue"}))
+	rec, err := c.Get(ctx, "cars/bmw")
+	require.NoError(t, err)
+	require.Equal(t, int64(3), rec.Version)
+	require.JSONEq(t, `{"color": "blue"}`, string(rec.Value))
+	require.NoError(t, c.Delete(ctx, "cars/bmw"))
+	_, err = c.Get(ctx, "cars/bmw")
+	require.ErrorIs(t, err, pgstore.ErrNotFound)
+}
+
+func chkCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// chkConnect returns a connector on the schema, closed when the test ends.
+func chkConnect(t testing.TB, connString, schema string) *pgstore.Connector {
+	t.Helper()
+	c, err := pgstore.Connect(chkCtx(t), connString, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, c.Close(context.Background())) })
+	return c
+}
+
+// chkAdmin runs statements as the test server's administrator. It works in
+// cleanups too, where the test's context has ended.
+func chkAdmin(t testing.TB, sql ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pgtest.URL(t))
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	for _, stmt := range sql {
+		_, err := conn.Exec(ctx, stmt)
+		require.NoError(t, err, stmt)
+	}
+}
+
+func chkQueryString(t testing.TB, sql string) string {
+	t.Helper()
+	conn, err := pgx.Connect(chkCtx(t), pgtest.URL(t))
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	var s string
+	require.NoError(t, conn.QueryRow(chkCtx(t), sql).Scan(&s))
+	return s
+}
+
+// chkRole creates a login role of the test's own and returns its name and a
+// connection string for it. Each grant is a format whose %[1]s is the
+// database, %[2]s the role and %[3]s the schema, all quoted. The role, its
+// objects and its grants are dropped when the test ends: after the test's
+// connectors are closed, before the schema of an earlier pgtest.Schema is
+// dropped.
+func chkRole(t testing.TB, schema string, grants ...string) (role, connString string) {
+	t.Helper()
+	role, password := "pgstore_test_role_"+chkRandom(t), chkRandom(t)
+	cfg, err := pgx.ParseConfig(pgtest.URL(t))
+	require.NoError(t, err)
+	r := pgx.Identifier{role}.Sanitize()
+	chkAdmin(t, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", r, password))
+	t.Cleanup(func() { chkAdmin(t, "DROP OWNED BY "+r, "DROP ROLE "+r) })
+	for _, g := range grants {
+		chkAdmin(t, fmt.Sprintf(g, pgx.Identifier{cfg.Database}.Sanitize(), r, pgx.Identifier{schema}.Sanitize()))
+	}
+	return role, chkWithUser(t, pgtest.URL(t), role, password)
+}
+
+func chkRandom(t testing.TB) string {
+	var b [6]byte
+	_, err := rand.Read(b[:])
+	require.NoError(t, err)
+	return hex.EncodeToString(b[:])
+}
+
+// chkWithUser returns the connection string with another user and password.
+func chkWithUser(t testing.TB, connString, user, password string) string {
+	t.Helper()
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		require.NoError(t, err)
+		u.User = url.UserPassword(user, password)
+		return u.String()
+	}
+	return fmt.Sprintf("%s user='%s' password='%s'", connString, user, password)
+}
+
+// chkWithParam returns the connection string with one more setting.
+func chkWithParam(t testing.TB, connString, key, value string) string {
+	t.Helper()
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		require.NoError(t, err)
+		q := u.Query()
+		q.Set(key, value)
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	return fmt.Sprintf("%s %s='%s'", connString, key, strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(value))
+}
+
+// chkApplyFixes runs, as the administrator, the fix of each failed check.
+func chkApplyFixes(t testing.TB, r pgstore.Report) {
+	t.Helper()
+	for _, c := range chkFailed(r) {
+		chkAdmin(t, strings.Split(c.Fix, "\n")...)
+	}
+}
+
+func chkFailed(r pgstore.Report) []pgstore.CheckResult {
+	var failed []pgstore.CheckResult
+	for _, c := range r.Checks {
+		if !c.OK {
+			failed = append(failed, c)
+		}
+	}
+	return failed
+}
+
+func chkNames(r pgstore.Report) []string {
+	var names []string
+	for _, c := range r.Checks {
+		names = append(names, c.Name)
+	}
+	return names
+}
+
+func chkFind(t testing.TB, r pgstore.Report, name string) pgstore.CheckResult {
+	t.Helper()
+	for _, c := range r.Checks {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("no check %q in the report:\n%s", name, r)
+	return pgstore.CheckResult{}
+}
+
+// TestCheckTransactionPooler runs Check through PgBouncer: in transaction
+// mode the LISTEN/NOTIFY check fails with its fix, in session mode it passes.
+// It skips where PgBouncer is not installed.
+func TestCheckTransactionPooler(t *testing.T) {
+	t.Parallel()
+	bouncerURL := chkBouncer(t)
+	schema := pgtest.Schema(t)
+	ctx := chkCtx(t)
+
+	report, err := pgstore.Check(ctx, bouncerURL("test_transaction"), pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	failed := chkFailed(report)
+	require.Len(t, failed, 1, report.String())
+	require.Equal(t, "LISTEN/NOTIFY", failed[0].Name)
+	require.Contains(t, failed[0].Detail, "no notification came back")
+	require.Contains(t, failed[0].Fix, "pool_mode = session")
+
+	report, err = pgstore.Check(ctx, bouncerURL("test_session"), pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+}
+
+// chkBouncer starts PgBouncer in front of the test server, stopped when the
+// test ends, with the databases test_transaction and test_session pooled in
+// those modes. It returns a function giving the connection string of each.
+func chkBouncer(t *testing.T) func(database string) string {
+	t.Helper()
+	bin, err := exec.LookPath("pgbouncer")
+	if err != nil {
+		t.Skipf("PgBouncer is not installed (apt-get install pgbouncer): %v", err)
+	}
+	cfg, err := pgx.ParseConfig(pgtest.URL(t))
+	require.NoError(t, err)
+	if strings.HasPrefix(cfg.Host, "/") {
+		t.Skipf("the test server is reached through the socket in %s; the test needs TCP", cfg.Host)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port := ln.Addr().(*net.TCPAddr).Port
+	require.NoError(t, ln.Close())
+
+	// PgBouncer refuses to run as root: as root, it runs as the nobody
+	// user, which must be able to read its files.
+	dir, err := os.MkdirTemp("", "pgstore-bouncer-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	server := fmt.Sprintf("host=%s port=%d dbname=%s", cfg.Host, cfg.Port, cfg.Database)
+	if cfg.Password != "" {
+		server += " password=" + cfg.Password
+	}
+	ini := fmt.Sprintf(`[databases]
+test_transaction = %[1]s pool_mode=transaction
+test_session = %[1]s pool_mode=session
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %[2]d
+unix_socket_dir =
+auth_type = trust
+auth_file = %[3]s
+pidfile =
+logfile =
+ignore_startup_parameters = extra_float_digits
+`, server, port, filepath.Join(dir, "users.txt"))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "users.txt"), fmt.Appendf(nil, "%q \"\"\n", cfg.User), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "pgbouncer.ini"), []byte(ini), 0o644))
+	args := []string{filepath.Join(dir, "pgbouncer.ini")}
+	if os.Geteuid() == 0 {
+		args = append([]string{"-u", "nobody"}, args...)
+	}
+	logPath := filepath.Join(dir, "pgbouncer.log")
+	logFile, err := os.Create(logPath)
+	require.NoError(t, err)
+	defer logFile.Close() // the process has its own copy
+	logged := func() string {
+		b, _ := os.ReadFile(logPath)
+		return string(b)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("PgBouncer's log:\n%s", logged())
+		}
+	})
+
+	connString := func(database string) string {
+		// Through a transaction pooler, statements cannot be prepared.
+		return fmt.Sprintf("host=127.0.0.1 port=%d user='%s' password='%s' dbname=%s default_query_exec_mode=simple_protocol",
+			port, cfg.User, cfg.Password, database)
+	}
+	// Wait until PgBouncer takes connections.
+	ctx, cancel := context.WithTimeout(chkCtx(t), 10*time.Second)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		conn, err := pgx.Connect(ctx, connString("test_session"))
+		if err == nil {
+			conn.Close(ctx)
+			return connString
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("PgBouncer does not take connections: %v\n%s", err, logged())
+		case <-tick.C:
+		}
+	}
+}
