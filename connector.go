@@ -82,7 +82,7 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*Connector
 	}
 	poolCfg, err := pgxpool.ParseConfig(connString)
 	if err != nil {
-		return nil, fmt.Errorf("pgstore: %w", err) // pgx redacts the password
+		return nil, connStringError(connString, err)
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {

@@ -400,13 +400,14 @@ func (s *Subscription) call(e Event) (open bool) {
 		return false
 	default:
 	}
+	open = true // also after a panic
 	defer func() {
 		if r := recover(); r != nil {
 			s.c.cfg.logger.Error("pgstore: subscription handler panicked", "event", e.Type.String(), "key", e.Key, "panic", r)
 		}
 	}()
 	s.handler(e)
-	return true
+	return open
 }
 
 // goid returns the current goroutine's id, so that Subscription.Close can

@@ -175,11 +175,20 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 // only if missing (replacing a function needs ownership, creating does not).
 // The caller holds the schema's DDL lock.
 func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
-	if _, err := tx.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+pgx.Identifier{schema}.Sanitize()); err != nil {
-		return fmt.Errorf("create schema %q: %w", schema, err)
-	}
+	// PostgreSQL checks CREATE on the database before IF NOT EXISTS: ask
+	// first, so that a role with only USAGE and CREATE on an existing
+	// schema can run pgstore.
 	var exists bool
-	err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+	err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", schema).Scan(&exists)
+	if err != nil {
+		return err
+	}
+	if !exists {
+		if _, err := tx.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+pgx.Identifier{schema}.Sanitize()); err != nil {
+			return fmt.Errorf("create schema %q: %w", schema, err)
+		}
+	}
+	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 		WHERE n.nspname = $1 AND p.proname = $2)`, schema, notifyFunction).Scan(&exists)
 	if err != nil || exists {
 		return err

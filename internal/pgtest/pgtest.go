@@ -30,9 +30,9 @@ const EnvURL = "PGSTORE_TEST_DATABASE_URL"
 const LocalURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
 
 var (
-	once    sync.Once
-	url     string
-	findErr error
+	once     sync.Once
+	foundURL string
+	findErr  error
 )
 
 // URL returns the connection string of the test server, or skips (or, under
@@ -48,7 +48,7 @@ func URL(t testing.TB) string {
 		}
 		t.Skip(msg)
 	}
-	return url
+	return foundURL
 }
 
 func find() {
@@ -57,12 +57,12 @@ func find() {
 			findErr = fmt.Errorf("%s is set but the server does not answer: %w", EnvURL, err)
 			return
 		}
-		url = u
+		foundURL = u
 		return
 	}
 	localErr := ping(LocalURL)
 	if localErr == nil {
-		url = LocalURL
+		foundURL = LocalURL
 		return
 	}
 	u, err := startContainer()
@@ -70,7 +70,7 @@ func find() {
 		findErr = fmt.Errorf("local server: %v; container: %v", localErr, err)
 		return
 	}
-	url = u
+	foundURL = u
 }
 
 func ping(u string) error {
