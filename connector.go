@@ -130,8 +130,10 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err := prepareSchema(ctx, pool, cfg.schema); err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
 	}
-	if err := syncTriggers(ctx, pool, cfg.schema, cfg.events); err != nil {
-		return nil, fmt.Errorf("pgstore: update the triggers of schema %q to the events chosen: %w", cfg.schema, err)
+	if cfg.eventsChosen {
+		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events); err != nil {
+			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents: %w", cfg.schema, err)
+		}
 	}
 	c := &Connector{
 		pool:        pool,

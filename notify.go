@@ -75,8 +75,11 @@ func (s eventSet) has(t EventType) bool { return s&(1<<t) != 0 }
 // WithEvents sets which events the database generates for this schema:
 // CreateTable, DestroyTable, Insert, Update, Delete. A type left out costs
 // nothing at write time, because its trigger is not installed; WithEvents()
-// with no types turns the change feed off. The triggers of existing tables are
-// brought in line when the connector starts. Defaults to all five.
+// with no types turns the change feed off. When this option is given, the
+// triggers of the schema's existing tables are brought in line as the
+// connector starts; without it, existing tables keep their triggers (so a
+// connector that only reads or subscribes changes nothing) and new tables
+// get all five.
 func WithEvents(types ...EventType) Option {
 	return func(c *config) error {
 		var set eventSet
@@ -87,6 +90,7 @@ func WithEvents(types ...EventType) Option {
 			set |= 1 << t
 		}
 		c.events = set
+		c.eventsChosen = true
 		return nil
 	}
 }

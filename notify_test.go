@@ -276,7 +276,9 @@ func TestFeedSwitchedOffEventsInstallNoTrigger(t *testing.T) {
 	// A later Connect with other events brings the existing table in line.
 	connectSchema(t, schema, pgstore.WithEvents(pgstore.Update, pgstore.Delete))
 	require.Equal(t, []string{"pgstore_delete", "pgstore_update"}, triggers(inserts))
-	connectSchema(t, schema)
+	connectSchema(t, schema) // without WithEvents, existing triggers stay
+	require.Equal(t, []string{"pgstore_delete", "pgstore_update"}, triggers(inserts))
+	connectSchema(t, schema, pgstore.WithEvents(pgstore.CreateTable, pgstore.DestroyTable, pgstore.Insert, pgstore.Update, pgstore.Delete))
 	require.Equal(t, []string{"pgstore_delete", "pgstore_insert", "pgstore_update"}, triggers(inserts))
 
 	off := connectSchema(t, schema, pgstore.WithEvents())

@@ -22,6 +22,7 @@ type config struct {
 	logger        *slog.Logger
 	retryTimeout  time.Duration
 	events        eventSet
+	eventsChosen  bool // WithEvents was given: existing triggers follow it
 }
 
 // Defaults of the options, as documented on each.

@@ -1,0 +1,65 @@
+// Tail prints the change feed of a pgstore schema as it happens, one line per
+// event, for people operating a cluster of realtime servers.
+//
+//	go run ./examples/tail -schema ds
+//
+// It connects to -url, DATABASE_URL or the local default server, in that
+// order, and stops on Ctrl-C.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"time"
+
+	"github.com/pgstore/pgstore"
+)
+
+func main() {
+	url := flag.String("url", os.Getenv("DATABASE_URL"), "PostgreSQL connection string (default $DATABASE_URL, else the local server)")
+	schema := flag.String("schema", pgstore.DefaultSchema, "schema whose changes to print")
+	flag.Parse()
+	if *url == "" {
+		*url = "postgres://postgres@127.0.0.1:5432/test"
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := tail(ctx, *url, *schema); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func tail(ctx context.Context, url, schema string) error {
+	// Without WithEvents the connector leaves the schema's triggers as its
+	// writers configured them.
+	store, err := pgstore.Connect(ctx, url, pgstore.WithSchema(schema))
+	if err != nil {
+		return err
+	}
+	defer store.Close(context.Background())
+	sub, err := store.Subscribe(ctx, func(e pgstore.Event) { fmt.Println(format(time.Now(), e)) })
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	fmt.Fprintf(os.Stderr, "listening to schema %q; Ctrl-C to stop\n", schema)
+	<-ctx.Done()
+	return nil
+}
+
+// format renders an event as one line: time, type, then what it is about.
+func format(now time.Time, e pgstore.Event) string {
+	stamp := now.Format("15:04:05.000")
+	switch e.Type {
+	case pgstore.CreateTable, pgstore.DestroyTable:
+		return fmt.Sprintf("%s %-13s %q", stamp, e.Type, e.Table)
+	case pgstore.Resync:
+		return fmt.Sprintf("%s %-13s events may have been missed", stamp, e.Type)
+	}
+	return fmt.Sprintf("%s %-13s %q version %d", stamp, e.Type, e.Key, e.Version)
+}
