@@ -12,6 +12,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
 	"github.com/pgstore/pgstore"
@@ -42,7 +43,19 @@ func startNode(t testing.TB, schema string) *node {
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	store, err := pgstore.Connect(ctx, pgtest.URL(t),
+	// The default pool (4 connections here) would make the load test
+	// measure waits for a connection.
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = 16
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	store, err := pgstore.New(ctx, pool,
 		pgstore.WithSchema(schema), pgstore.WithVersionGuard(true), pgstore.WithLogger(logger))
 	if err != nil {
 		t.Fatal(err)
