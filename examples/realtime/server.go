@@ -227,6 +227,8 @@ func (s *Server) startFeed(ctx context.Context) error {
 	if s.feed != nil {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
 	feed, err := s.storage.Subscribe(ctx, s.onEvent)
 	if err != nil {
 		s.log.Error("cannot subscribe to the change feed", "err", err)
