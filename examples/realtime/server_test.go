@@ -374,3 +374,27 @@ func TestAbruptDisconnects(t *testing.T) {
 	c.requestOK(map[string]any{"type": "set", "key": "t/after", "version": 1, "value": 1})
 	watcher.awaitRecord("t/after", 1)
 }
+
+// TestClose checks that closing a server ends its connections with status
+// 1001 (going away) and refuses new ones, and may be called again.
+func TestClose(t *testing.T) {
+	t.Parallel()
+	n := startNode(t, pgtest.Schema(t))
+	c := dial(t, n.ws)
+	c.requestOK(map[string]any{"type": "subscribe", "key": "a/b"})
+	if err := n.srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.closed(); websocket.CloseStatus(err) != websocket.StatusGoingAway {
+		t.Fatalf("connection ended with %v, want status 1001", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	_, resp, err := websocket.Dial(ctx, n.ws, nil)
+	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("dial after Close: %v, %v; want 503", resp, err)
+	}
+	if err := n.srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
