@@ -1,0 +1,563 @@
+package pgstore_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
+)
+
+// ---- Values ----
+
+func TestAnyJSONMarshalableValueRoundTrips(t *testing.T) {
+	t.Parallel()
+	type car struct {
+		Model string   `json:"model"`
+		HP    int      `json:"hp"`
+		Tags  []string `json:"tags,omitempty"`
+		Owner *string  `json:"owner"`
+	}
+	cases := map[string]struct {
+		value any
+		want  string
+	}{
+		"struct":            {car{Model: "bmw", HP: 300, Tags: []string{"fast"}}, `{"model": "bmw", "hp": 300, "tags": ["fast"], "owner": null}`},
+		"pointer to struct": {&car{Model: "vw"}, `{"model": "vw", "hp": 0, "owner": null}`},
+		"map":               {map[string]any{"a": 1, "b": []any{true, nil, "x"}}, `{"a": 1, "b": [true, null, "x"]}`},
+		"empty map":         {map[string]int{}, `{}`},
+		"slice":             {[]int{3, 1, 2}, `[3, 1, 2]`},
+		"empty slice":       {[]string{}, `[]`},
+		"string":            {"hello", `"hello"`},
+		"empty string":      {"", `""`},
+		"HTML characters":   {"<a href='x'>&</a>", `"<a href='x'>&</a>"`},
+		"unicode":           {"漢字 😀 e\u0301", `"漢字 😀 e\u0301"`},
+		"integer":           {42, `42`},
+		"negative float":    {-2.5, `-2.5`},
+		"bool":              {false, `false`},
+		"raw message":       {json.RawMessage(`{"z": 1, "a": [1, 2]}`), `{"a": [1, 2], "z": 1}`},
+		"raw bytes":         {[]byte(` [ "spaced" ] `), `["spaced"]`},
+		"raw big number":    {json.RawMessage(`1.5e300`), `1.5e300`},
+	}
+	c := connect(t)
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			key := "values/" + name
+			require.NoError(t, c.Set(testCtx(t), key, 1, tc.value))
+			requireRecord(t, c, key, 1, tc.want)
+		})
+	}
+}
+
+func TestLargeIntegersKeepEveryDigit(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t)
+	// float64 would turn this into ...976.
+	const n = int64(1<<60 + 1)
+	require.NoError(t, c.Set(ctx, "numbers/big", 1, map[string]int64{"n": n}))
+	rec, err := c.Get(ctx, "numbers/big")
+	require.NoError(t, err)
+	var got struct{ N int64 }
+	require.NoError(t, json.Unmarshal(rec.Value, &got))
+	require.Equal(t, n, got.N)
+}
+
+func TestStoredValuesAreCopiesOfTheCallersBytes(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+
+	raw := json.RawMessage(`{"n": 1}`)
+	bytesValue := []byte(`{"n": 1}`)
+	results := []*pgstore.Result{c.SetAsync("copy/raw", 1, raw), c.SetAsync("copy/bytes", 1, bytesValue)}
+	// The caller reuses its buffers while the writes wait in the buffer.
+	copy(raw, `{"n": 2}`)
+	copy(bytesValue, `{"n": 2}`)
+	requireRecord(t, c, "copy/raw", 1, `{"n": 1}`)
+	requireRecord(t, c, "copy/bytes", 1, `{"n": 1}`)
+
+	// Nor may a reader change the buffered value through what Get returned.
+	rec, err := c.Get(ctx, "copy/raw")
+	require.NoError(t, err)
+	copy(rec.Value, `{"n": 3}`)
+	requireRecord(t, c, "copy/raw", 1, `{"n": 1}`)
+
+	closeNow(t, c)
+	waitAll(t, results)
+	after := connectSchema(t, schema)
+	requireRecord(t, after, "copy/raw", 1, `{"n": 1}`)
+	requireRecord(t, after, "copy/bytes", 1, `{"n": 1}`)
+}
+
+func TestValuesThatJSONBCannotHoldAreRefusedWithErrInvalidValue(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name  string
+		value any
+		want  string // fragment of the error message
+	}{
+		{"nil", nil, "nil"},
+		{"raw JSON null", json.RawMessage(`null`), "null"},
+		{"raw bytes null with spaces", []byte(" null\n"), "null"},
+		{"nil map, which marshals to null", map[string]int(nil), "null"},
+		{"nil pointer, which marshals to null", (*struct{})(nil), "null"},
+		{"invalid raw JSON", json.RawMessage(`{"a":`), "not valid JSON"},
+		{"invalid raw bytes", []byte(`{'single': 'quotes'}`), "not valid JSON"},
+		{"two raw JSON values", []byte(`1 2`), "not valid JSON"},
+		{"empty raw message", json.RawMessage{}, "empty"},
+		{"nil raw bytes", []byte(nil), "empty"},
+		{"channel", make(chan int), "chan"},
+		{"func", func() {}, "func"},
+		{"NaN", math.NaN(), "NaN"},
+		{"raw \\u0000 in a string", json.RawMessage(`{"a": "x\u0000y"}`), `\u0000`},
+		{"Go string holding NUL", "x\x00y", `\u0000`},
+		{"Go map key holding NUL", map[string]int{"k\x00": 1}, `\u0000`},
+		{"lone high surrogate", json.RawMessage(`"\ud800"`), "surrogate"},
+		{"high surrogate before text", json.RawMessage(`"\ud800abcdef"`), "surrogate"},
+		{"lone low surrogate", json.RawMessage(`"\udc00"`), "surrogate"},
+		{"surrogates in the wrong order", json.RawMessage(`"\ude00\ud83d"`), "surrogate"},
+		{"invalid UTF-8 in raw JSON", []byte("\"\xff\""), "UTF-8"},
+	}
+	c, schema := connectNamed(t)
+	t.Run("each", func(t *testing.T) {
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				t.Parallel()
+				ctx := testCtx(t)
+				key := "bad/" + tc.name
+				err := c.Set(ctx, key, 1, tc.value)
+				require.ErrorIs(t, err, pgstore.ErrInvalidValue)
+				require.ErrorContains(t, err, tc.want)
+				err = c.SetAsync(key, 1, tc.value).Wait(ctx)
+				require.ErrorIs(t, err, pgstore.ErrInvalidValue, "SetAsync reports it as well")
+				requireNotFound(t, c, key)
+			})
+		}
+	})
+	require.False(t, tableExists(t, c, schema, "bad"), "no refused value may create a table")
+}
+
+func TestAValidSurrogatePairIsAccepted(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t)
+	require.NoError(t, c.Set(ctx, "emoji/grin", 1, json.RawMessage(`"\ud83d\ude00 and \\u0000 as text"`)))
+	rec, err := c.Get(ctx, "emoji/grin")
+	require.NoError(t, err)
+	var s string
+	require.NoError(t, json.Unmarshal(rec.Value, &s))
+	require.Equal(t, `😀 and \u0000 as text`, s)
+}
+
+func TestTheVersionGuardRefusesNegativeVersions(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c, schema := connectNamed(t, pgstore.WithVersionGuard(true))
+	err := c.Set(ctx, "guard/neg", -1, "v")
+	require.ErrorContains(t, err, "negative")
+	require.Error(t, c.SetAsync("guard/neg", -1, "v").Wait(ctx))
+	require.False(t, tableExists(t, c, schema, "guard"))
+
+	require.NoError(t, c.Set(ctx, "guard/neg", 0, "zero"), "0 is the lowest version allowed")
+	requireRecord(t, c, "guard/neg", 0, `"zero"`)
+}
+
+// ---- Order of writes ----
+
+func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
+	t.Parallel()
+	t.Run("one after the other", func(t *testing.T) {
+		t.Parallel()
+		ctx := testCtx(t)
+		c := connect(t)
+		require.NoError(t, c.Set(ctx, "order/k", 5, "five"))
+		require.NoError(t, c.Set(ctx, "order/k", 3, "three"))
+		requireRecord(t, c, "order/k", 3, `"three"`)
+	})
+	t.Run("in one batch", func(t *testing.T) {
+		t.Parallel()
+		schema := pgtest.Schema(t)
+		c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+		results := []*pgstore.Result{
+			c.SetAsync("order/k", 5, "five"),
+			c.SetAsync("order/k", 3, "three"),
+		}
+		requireRecord(t, c, "order/k", 3, `"three"`)
+		closeNow(t, c)
+		waitAll(t, results)
+		requireRecord(t, connectSchema(t, schema), "order/k", 3, `"three"`)
+	})
+}
+
+func TestADeleteRightAfterASetDeletes(t *testing.T) {
+	t.Parallel()
+	t.Run("group commit", func(t *testing.T) {
+		t.Parallel()
+		c, schema := connectNamed(t)
+		require.NoError(t, c.Set(testCtx(t), "del/other", 1, "stays"))
+		for i := range 20 {
+			key := fmt.Sprintf("del/k%d", i)
+			waitAll(t, []*pgstore.Result{c.SetAsync(key, 1, "gone"), c.DeleteAsync(key)})
+			requireNotFound(t, c, key)
+			_, _, found := storedRow(t, c, schema, "del", fmt.Sprintf("k%d", i))
+			require.False(t, found, "the flush must not undo the delete of %q", key)
+		}
+		require.EqualValues(t, 1, rowCount(t, c, schema, "del"))
+	})
+	t.Run("coalesced over a stored record", func(t *testing.T) {
+		t.Parallel()
+		schema := pgtest.Schema(t)
+		stored := connectSchema(t, schema)
+		require.NoError(t, stored.Set(testCtx(t), "del/k", 1, "old"))
+
+		c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+		results := []*pgstore.Result{c.SetAsync("del/k", 2, "new"), c.DeleteAsync("del/k")}
+		requireNotFound(t, c, "del/k")
+		closeNow(t, c)
+		waitAll(t, results)
+		requireNotFound(t, stored, "del/k")
+		require.Zero(t, rowCount(t, stored, schema, "del"))
+	})
+}
+
+func TestASetRightAfterADeleteSets(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	stored := connectSchema(t, schema)
+	require.NoError(t, stored.Set(testCtx(t), "del/k", 1, "old"))
+
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+	results := []*pgstore.Result{c.DeleteAsync("del/k"), c.SetAsync("del/k", 2, "new")}
+	requireRecord(t, c, "del/k", 2, `"new"`)
+	closeNow(t, c)
+	waitAll(t, results)
+	requireRecord(t, stored, "del/k", 2, `"new"`)
+
+	require.NoError(t, stored.Delete(testCtx(t), "del/k"))
+	require.NoError(t, stored.Set(testCtx(t), "del/k", 3, "again"))
+	requireRecord(t, stored, "del/k", 3, `"again"`)
+}
+
+func TestGetSeesBufferedWrites(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+
+	results := []*pgstore.Result{c.SetAsync("buf/k", 1, "one")}
+	requireRecord(t, c, "buf/k", 1, `"one"`)
+	require.False(t, tableExists(t, c, schema, "buf"), "the write must still be buffered")
+
+	results = append(results, c.SetAsync("buf/k", 2, "two"))
+	requireRecord(t, c, "buf/k", 2, `"two"`)
+	results = append(results, c.DeleteAsync("buf/k"))
+	requireNotFound(t, c, "buf/k")
+	results = append(results, c.SetAsync("buf/k", 3, "three"))
+	requireRecord(t, c, "buf/k", 3, `"three"`)
+	require.False(t, tableExists(t, c, schema, "buf"))
+
+	closeNow(t, c)
+	waitAll(t, results)
+	requireRecord(t, connectSchema(t, schema), "buf/k", 3, `"three"`)
+}
+
+func TestCloseFlushesEveryAcceptedWrite(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(64))
+	const n = 1000
+	var results []*pgstore.Result
+	for i := range n {
+		results = append(results, c.SetAsync(fmt.Sprintf("flush/%d", i), int64(i), map[string]int{"i": i}))
+	}
+	closeNow(t, c)
+	waitAll(t, results)
+
+	after := connectSchema(t, schema)
+	require.EqualValues(t, n, rowCount(t, after, schema, "flush"))
+	require.EqualValues(t, n, queryInt(t, after,
+		"SELECT count(*) FROM "+ident(schema, "flush")+" WHERE id = version::text AND val = jsonb_build_object('i', version)"),
+		"every record holds its own version and value")
+}
+
+func TestManyWritesToOneKeyCoalesceIntoOneRowWrite(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	require.NoError(t, setup.Set(ctx, "hot/seed", 1, "seed"))
+	// Count every row the server writes to the table.
+	for _, stmt := range []string{
+		"CREATE TABLE " + ident(schema, "row_writes") + " (id text)",
+		"CREATE FUNCTION " + ident(schema, "count_write") + "() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN INSERT INTO " +
+			ident(schema, "row_writes") + " VALUES (NEW.id); RETURN NEW; END$$",
+		"CREATE TRIGGER count_write AFTER INSERT OR UPDATE ON " + ident(schema, "hot") +
+			" FOR EACH ROW EXECUTE FUNCTION " + ident(schema, "count_write") + "()",
+	} {
+		_, err := setup.Exec(ctx, stmt)
+		require.NoError(t, err, stmt)
+	}
+
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+	const n = 1000
+	var results []*pgstore.Result
+	for i := range n {
+		results = append(results, c.SetAsync("hot/k", int64(i), map[string]int{"i": i}))
+	}
+	closeNow(t, c)
+	waitAll(t, results) // every coalesced write reports the outcome of the one written
+
+	requireRecord(t, setup, "hot/k", n-1, fmt.Sprintf(`{"i": %d}`, n-1))
+	require.EqualValues(t, 1, queryInt(t, setup, "SELECT count(*) FROM "+ident(schema, "row_writes")+" WHERE id = 'k'"),
+		"%d writes to one key within the interval cost one row write", n)
+}
+
+// ---- Version guard ----
+
+func TestTheVersionGuardRefusesAnOlderVersionAndKeepsTheRestOfTheBatch(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	stored := connectSchema(t, schema, pgstore.WithVersionGuard(true))
+	require.NoError(t, stored.Set(ctx, "g/a", 10, "a10"))
+	require.NoError(t, stored.Set(ctx, "g/b", 10, "b10"))
+	require.NoError(t, stored.Set(ctx, "g/d", 10, "d10"))
+
+	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
+	older := c.SetAsync("g/a", 5, "a5")
+	others := []*pgstore.Result{
+		c.SetAsync("g/b", 11, "b11"),
+		c.SetAsync("g/c", 1, "c1"),
+		c.SetAsync("g/d", 10, "d10 again"), // an equal version goes through
+	}
+	closeNow(t, c)
+
+	err := older.Wait(ctx)
+	require.ErrorIs(t, err, pgstore.ErrVersionConflict)
+	require.ErrorContains(t, err, "g/a")
+	waitAll(t, others)
+	requireRecord(t, stored, "g/a", 10, `"a10"`)
+	requireRecord(t, stored, "g/b", 11, `"b11"`)
+	requireRecord(t, stored, "g/c", 1, `"c1"`)
+	requireRecord(t, stored, "g/d", 10, `"d10 again"`)
+}
+
+func TestTheVersionGuardAcceptsAnEqualVersionAndRefusesAnOlderOne(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t, pgstore.WithVersionGuard(true))
+	require.NoError(t, c.Set(ctx, "g/k", 10, "first"))
+	require.NoError(t, c.Set(ctx, "g/k", 10, "retried"))
+	requireRecord(t, c, "g/k", 10, `"retried"`)
+
+	require.ErrorIs(t, c.Set(ctx, "g/k", 9, "stale"), pgstore.ErrVersionConflict)
+	requireRecord(t, c, "g/k", 10, `"retried"`)
+	require.NoError(t, c.Set(ctx, "g/k", 11, "newer"))
+	requireRecord(t, c, "g/k", 11, `"newer"`)
+}
+
+func TestTheVersionGuardRefusesAVersionOlderThanABufferedOneAtOnce(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
+	newer := c.SetAsync("g/k", 5, "five")
+
+	// Nothing is flushed for an hour: only a refusal in the buffer itself
+	// can complete this Result before ctx ends.
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	require.ErrorIs(t, c.SetAsync("g/k", 3, "three").Wait(ctx), pgstore.ErrVersionConflict)
+	requireRecord(t, c, "g/k", 5, `"five"`)
+
+	closeNow(t, c)
+	require.NoError(t, newer.Wait(testCtx(t)))
+	requireRecord(t, connectSchema(t, schema), "g/k", 5, `"five"`)
+}
+
+func TestTheVersionGuardLetsARecordBeRecreatedAfterADelete(t *testing.T) {
+	t.Parallel()
+	t.Run("one after the other", func(t *testing.T) {
+		t.Parallel()
+		ctx := testCtx(t)
+		c := connect(t, pgstore.WithVersionGuard(true))
+		require.NoError(t, c.Set(ctx, "g/k", 10, "old"))
+		require.NoError(t, c.Delete(ctx, "g/k"))
+		require.NoError(t, c.Set(ctx, "g/k", 1, "recreated"))
+		requireRecord(t, c, "g/k", 1, `"recreated"`)
+	})
+	t.Run("in one batch", func(t *testing.T) {
+		t.Parallel()
+		ctx := testCtx(t)
+		schema := pgtest.Schema(t)
+		stored := connectSchema(t, schema, pgstore.WithVersionGuard(true))
+		require.NoError(t, stored.Set(ctx, "g/k", 10, "old"))
+
+		c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
+		del := c.DeleteAsync("g/k")
+		set := c.SetAsync("g/k", 1, "recreated")
+		requireRecord(t, c, "g/k", 1, `"recreated"`)
+		closeNow(t, c)
+		require.NoError(t, del.Wait(ctx), "the delete")
+		require.NoError(t, set.Wait(ctx), "the set after the delete")
+		requireRecord(t, stored, "g/k", 1, `"recreated"`)
+	})
+}
+
+// ---- Batches and the buffer limit ----
+
+func TestAFullBatchIsFlushedWithoutWaitingForTheInterval(t *testing.T) {
+	t.Parallel()
+	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10))
+	var results []*pgstore.Result
+	for i := range 10 {
+		results = append(results, c.SetAsync(fmt.Sprintf("full/%d", i), int64(i), i))
+	}
+	// Only a flush of the full batch can complete these within the hour.
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	for i, r := range results {
+		require.NoError(t, r.Wait(ctx), "write %d", i)
+	}
+	require.EqualValues(t, 10, rowCount(t, c, schema, "full"))
+}
+
+func TestAThousandWritesInBatchesOfTenAreAllCommitted(t *testing.T) {
+	t.Parallel()
+	c, schema := connectNamed(t, pgstore.WithMaxBatchSize(10))
+	var results []*pgstore.Result
+	for i := range 1000 {
+		results = append(results, c.SetAsync(fmt.Sprintf("small/%d", i), int64(i), map[string]int{"i": i}))
+	}
+	waitAll(t, results)
+	require.EqualValues(t, 1000, rowCount(t, c, schema, "small"))
+	requireRecord(t, c, "small/999", 999, `{"i": 999}`)
+}
+
+func TestAFullBufferMakesWritersWaitInsteadOfDroppingWrites(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithBufferLimit(4096), pgstore.WithWriteInterval(time.Hour))
+	value := map[string]string{"pad": strings.Repeat("x", 1000)}
+
+	// With a ctx that has already ended, Set returns at once either way: an
+	// accepted write stays buffered (and Get finds it), a write that finds
+	// the buffer full is not accepted.
+	expired, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancel()
+	accepted := map[string]int64{} // key: version
+	refused := ""
+	for i := 0; i < 100 && refused == ""; i++ {
+		key := fmt.Sprintf("limit/%d", i)
+		require.ErrorIs(t, c.Set(expired, key, int64(i), value), context.DeadlineExceeded)
+		if _, err := c.Get(ctx, key); err == nil {
+			accepted[key] = int64(i)
+		} else {
+			require.ErrorIs(t, err, pgstore.ErrNotFound)
+			refused = key
+		}
+	}
+	require.NotEmpty(t, accepted)
+	require.NotEmpty(t, refused, "4 KiB must fill up with 1 KB values")
+
+	// A caller with a short timeout waits for room, then gives up.
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, c.Set(short, "limit/late", 1, value), context.DeadlineExceeded)
+	requireNotFound(t, c, "limit/late")
+
+	closeNow(t, c)
+	after := connectSchema(t, schema)
+	for key, version := range accepted {
+		requireRecord(t, after, key, version, jsonOf(t, value))
+	}
+	requireNotFound(t, after, refused)
+	requireNotFound(t, after, "limit/late")
+	require.EqualValues(t, len(accepted), rowCount(t, after, schema, "limit"))
+}
+
+func TestASmallBufferWithGroupCommitTakesEveryWrite(t *testing.T) {
+	t.Parallel()
+	c, schema := connectNamed(t, pgstore.WithBufferLimit(4096))
+	const n = 5000
+	results := make([]*pgstore.Result, 0, n)
+	for i := range n {
+		results = append(results, c.SetAsync(fmt.Sprintf("tight/%d", i), int64(i), map[string]int{"i": i}))
+	}
+	waitAll(t, results)
+	require.EqualValues(t, n, rowCount(t, c, schema, "tight"))
+}
+
+func TestAWriteLargerThanTheBufferLimitIsAcceptedIntoAnEmptyBuffer(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t, pgstore.WithBufferLimit(64))
+	big := strings.Repeat("b", 10_000)
+	require.NoError(t, c.Set(ctx, "huge/k", 1, big))
+	requireRecord(t, c, "huge/k", 1, jsonOf(t, big))
+}
+
+// ---- Failures of single records ----
+
+func TestABadRecordFailsItsOwnWriteNotItsNeighbours(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	// Valid JSON to Go, but beyond what jsonb's numeric can hold.
+	bad := json.RawMessage(`{"n": 1e1000000}`)
+	require.True(t, json.Valid(bad))
+	_, err := setup.Exec(ctx, "SELECT $1::text::jsonb", string(bad))
+	require.ErrorContains(t, err, "overflows numeric format", "the premise: PostgreSQL refuses this value")
+
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
+	var good []*pgstore.Result
+	for i := range 5 {
+		good = append(good, c.SetAsync(fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
+	}
+	badResult := c.SetAsync("n/bad", 1, bad)
+	for i := 5; i < 10; i++ {
+		good = append(good, c.SetAsync(fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
+	}
+	good = append(good, c.SetAsync("other/x", 1, "neighbour table"), c.DeleteAsync("n/never-there"))
+	closeNow(t, c)
+
+	err = badResult.Wait(ctx)
+	require.ErrorIs(t, err, pgstore.ErrInvalidValue)
+	require.ErrorContains(t, err, "overflows numeric format", "the server's reason")
+	require.ErrorContains(t, err, "n/bad")
+	waitAll(t, good)
+	require.EqualValues(t, 10, rowCount(t, setup, schema, "n"))
+	requireNotFound(t, setup, "n/bad")
+	for i := range 10 {
+		requireRecord(t, setup, fmt.Sprintf("n/good%d", i), int64(i), fmt.Sprintf(`{"n": %d}`, i))
+	}
+	requireRecord(t, setup, "other/x", 1, `"neighbour table"`)
+}
+
+// ---- Volume ----
+
+func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) {
+	t.Parallel()
+	c, schema := connectNamed(t)
+	const n = 20_000
+	start := time.Now()
+	results := make([]*pgstore.Result, n)
+	for i := range n {
+		results[i] = c.SetAsync(fmt.Sprintf("bulk/%d", i), int64(i), map[string]int{"i": i})
+	}
+	waitAll(t, results)
+	t.Logf("%d SetAsync calls committed in %v", n, time.Since(start))
+
+	require.EqualValues(t, n, rowCount(t, c, schema, "bulk"))
+	require.EqualValues(t, n*(n-1)/2, queryInt(t, c, "SELECT sum(version)::bigint FROM "+ident(schema, "bulk")))
+}
