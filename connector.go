@@ -319,6 +319,9 @@ func (c *Connector) knownTable(name string) *table {
 	return newTable(c.cfg.schema, name, c.cfg.versionGuard)
 }
 
+// Schema returns the name of the connector's schema, as given to WithSchema.
+func (c *Connector) Schema() string { return c.cfg.schema }
+
 // Query runs sql on the connector's pool, for what the rest of the API does
 // not cover. Close the rows.
 func (c *Connector) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {

@@ -31,8 +31,8 @@ type Listener struct {
 	// must not block.
 	Notify func(*pgconn.Notification)
 	// Reconnected is called on the loop's goroutine when a lost connection
-	// has been replaced and listens again: notifications sent meanwhile
-	// are lost.
+	// has been replaced and LISTENs again on every channel: notifications
+	// sent meanwhile are lost, and none after this call will be.
 	Reconnected func()
 	// Logger receives connection losses and failed reconnections.
 	Logger *slog.Logger
@@ -90,7 +90,7 @@ func (l *Listener) Run(ctx context.Context) {
 		}
 	}()
 	backoff := l.minBackoff()
-	everConnected := false
+	fresh, everListened := false, false
 	for ctx.Err() == nil {
 		if conn == nil {
 			var err error
@@ -102,15 +102,21 @@ func (l *Listener) Run(ctx context.Context) {
 				backoff = l.nextBackoff(backoff)
 				continue
 			}
-			if everConnected {
-				l.Reconnected()
-			}
-			everConnected = true
+			fresh = true
 			backoff = l.minBackoff()
 		}
 		if err := l.apply(ctx, conn); err != nil {
 			conn = l.lost(ctx, conn, err)
 			continue
+		}
+		if fresh {
+			// Only now that the channels are listened on again can a
+			// subscriber's re-read miss nothing.
+			fresh = false
+			if everListened {
+				l.Reconnected()
+			}
+			everListened = true
 		}
 		if err := l.wait(ctx, conn); err != nil {
 			conn = l.lost(ctx, conn, err)
