@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/pgstore/pgstore"
+)
+
+// changeWarmup samples are taken and thrown away before the measured ones.
+const changeWarmup = 20
+
+// changeTimeout is how long a sample waits for its event before it counts as
+// lost.
+const changeTimeout = 5 * time.Second
+
+// A changeSide writes one key, one version at a time, and hears each change.
+type changeSide struct {
+	name  string
+	heard chan time.Time // when the handler or listener got the change
+	write func(ctx context.Context, version int64) error
+	stop  func()
+
+	event []time.Duration // from the write's start to hearing it
+	wrote []time.Duration // from the write's start to its return
+	lost  int             // changes not heard within changeTimeout
+}
+
+// changeFigures measures figure 4: the time from calling Set (write interval
+// 0) to the subscriber's handler, against a raw autocommit upsert into a
+// table with a row-level NOTIFY trigger, heard by a raw listener. The two
+// sides take turns, sample by sample.
+func changeFigures(ctx context.Context, e *env) error {
+	const figure = "change"
+	var pg, raw *changeSide
+	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
+		pg, err = e.pgstoreChangeSide(ctx)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	defer pg.stop()
+	err = labelled(ctx, figure, "raw", func(ctx context.Context) (err error) {
+		raw, err = e.rawChangeSide(ctx)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	defer raw.stop()
+
+	for i := -changeWarmup; i < e.s.changes; i++ {
+		sides := []*changeSide{pg, raw}
+		if i%2 != 0 {
+			sides[0], sides[1] = raw, pg
+		}
+		for _, side := range sides {
+			err := labelled(ctx, figure, side.name, func(ctx context.Context) error {
+				return side.sample(ctx, int64(i+changeWarmup+1), i >= 0)
+			})
+			if err != nil {
+				return err
+			}
+		}
+	}
+	for _, side := range []*changeSide{pg, raw} {
+		if len(side.event) == 0 {
+			return fmt.Errorf("%s: none of %d changes heard", side.name, e.s.changes)
+		}
+		if side.lost > 0 {
+			e.rep.note("change_*: %s lost %d of %d changes (not heard within %v)", side.name, side.lost, e.s.changes, changeTimeout)
+		}
+	}
+	pg50, pg99 := percentiles(pg.event)
+	raw50, raw99 := percentiles(raw.event)
+	pgWrite, _ := percentiles(pg.wrote)
+	rawWrite, _ := percentiles(raw.wrote)
+	progress("%s: pgstore p50 %v p99 %v (Set p50 %v); raw p50 %v p99 %v (upsert p50 %v)",
+		figure, pg50, pg99, pgWrite, raw50, raw99, rawWrite)
+	e.rep.set("change_p50", micros(pg50), micros(raw50))
+	e.rep.set("change_p99", micros(pg99), micros(raw99))
+	e.rep.note("change_p50/p99: %d updates of one key, one at a time, timed from the call of Set (write interval 0, feed on) to the subscriber's handler; "+
+		"ceiling = autocommit single-row upsert into a table with a row-level AFTER trigger doing pg_notify(channel, NEW.id), "+
+		"heard by WaitForNotification on a dedicated pgx.Conn; the sides take turns sample by sample", e.s.changes)
+	e.rep.note("change_*: of which the write until it returned, p50: pgstore Set %.1f µs, raw upsert %.1f µs", micros(pgWrite), micros(rawWrite))
+	return nil
+}
+
+// sample writes a version and waits until it is heard.
+func (s *changeSide) sample(ctx context.Context, version int64, keep bool) error {
+	// Drain what a late change of a lost sample left behind.
+	select {
+	case <-s.heard:
+	default:
+	}
+	start := time.Now()
+	if err := s.write(ctx, version); err != nil {
+		return fmt.Errorf("%s: %w", s.name, err)
+	}
+	wrote := time.Since(start)
+	timer := time.NewTimer(changeTimeout)
+	defer timer.Stop()
+	select {
+	case at := <-s.heard:
+		if keep {
+			s.event = append(s.event, at.Sub(start))
+			s.wrote = append(s.wrote, wrote)
+		}
+	case <-timer.C:
+		if keep {
+			s.lost++
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
+}
+
+// pgstoreChangeSide updates one key with Set and hears each version in a
+// subscription's handler.
+func (e *env) pgstoreChangeSide(ctx context.Context) (*changeSide, error) {
+	const table, id = "chg", "k"
+	c, err := e.connect(ctx, e.schema)
+	if err != nil {
+		return nil, err
+	}
+	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	// Create the table first: its CREATE_TABLE event is not a sample.
+	if err := c.Set(ctx, table+"/"+id, 0, val); err != nil {
+		c.close()
+		return nil, err
+	}
+	var want atomic.Int64
+	side := &changeSide{name: "pgstore", heard: make(chan time.Time, 1)}
+	sub, err := c.Subscribe(ctx, func(ev pgstore.Event) {
+		if (ev.Type == pgstore.Insert || ev.Type == pgstore.Update) && ev.ID == id && ev.Version == want.Load() {
+			at := time.Now()
+			select {
+			case side.heard <- at:
+			default:
+			}
+		}
+	}, pgstore.ForTables(table))
+	if err != nil {
+		c.close()
+		return nil, fmt.Errorf("subscribe: %w", err)
+	}
+	side.write = func(ctx context.Context, version int64) error {
+		want.Store(version)
+		return c.Set(ctx, table+"/"+id, version, val)
+	}
+	side.stop = func() {
+		sub.Close()
+		c.close()
+	}
+	return side, nil
+}
+
+// rawChangeSide upserts one row, autocommit, into a table whose row trigger
+// notifies its id, and hears it on a dedicated connection.
+func (e *env) rawChangeSide(ctx context.Context) (*changeSide, error) {
+	table := ident(e.schema, "rawchg")
+	function := ident(e.schema, "rawchg_notify")
+	channel := e.schema + "_rawchg"
+	literal := "'" + strings.ReplaceAll(channel, "'", "''") + "'"
+	for _, stmt := range []string{
+		"CREATE SCHEMA IF NOT EXISTS " + pgx.Identifier{e.schema}.Sanitize(),
+		"CREATE TABLE " + table + " (id text PRIMARY KEY, version bigint NOT NULL, val jsonb NOT NULL)",
+		"CREATE FUNCTION " + function + "() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_notify(" + literal + ", NEW.id); RETURN NULL; END$$",
+		"CREATE TRIGGER rawchg_notify AFTER INSERT OR UPDATE ON " + table + " FOR EACH ROW EXECUTE FUNCTION " + function + "()",
+	} {
+		if _, err := e.raw.Exec(ctx, stmt); err != nil {
+			return nil, err
+		}
+	}
+
+	listener, err := pgx.Connect(ctx, e.s.url)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := listener.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
+		listener.Close(context.Background())
+		return nil, err
+	}
+	writer, err := e.raw.Acquire(ctx)
+	if err != nil {
+		listener.Close(context.Background())
+		return nil, err
+	}
+	side := &changeSide{name: "raw", heard: make(chan time.Time, 1)}
+	listenCtx, stopListening := context.WithCancel(ctx)
+	listening := make(chan struct{})
+	go func() {
+		defer close(listening)
+		for {
+			n, err := listener.WaitForNotification(listenCtx)
+			if err != nil {
+				return
+			}
+			if n.Payload == "k" {
+				select {
+				case side.heard <- time.Now():
+				default:
+				}
+			}
+		}
+	}()
+	upsert := "INSERT INTO " + table + " (id, version, val) VALUES ($1, $2, $3)" +
+		" ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
+	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	side.write = func(ctx context.Context, version int64) error {
+		_, err := writer.Exec(ctx, upsert, "k", version, val)
+		return err
+	}
+	side.stop = func() {
+		stopListening()
+		<-listening
+		listener.Close(context.Background())
+		writer.Release()
+	}
+	return side, nil
+}

@@ -1,0 +1,304 @@
+// Command benchmark measures pgstore against the best raw pgx technique doing
+// the same work, the ceiling pgstore can approach:
+//
+//	go run ./examples/benchmark            # full run, a few minutes
+//	go run ./examples/benchmark -quick     # under 45 s
+//	go run ./examples/benchmark -cpuprofile cpu.prof -figures write
+//
+// It works in fresh schemas that it drops when it ends, also on an error or
+// Ctrl-C. It prints a table (figure, pgstore, raw ceiling, ratio, target) and,
+// as its last line, one JSON object with pgstore's value, the ceiling's value
+// and their ratio for each figure: pgstore/raw for throughputs, raw/pgstore
+// for latencies, so that 1.0 is parity and higher is better. Progress goes to
+// stderr.
+//
+// The CPU profile labels every sample with the figure and the side
+// ("pgstore" or "raw"): go tool pprof -tagfocus side=pgstore cpu.prof.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/pgstore/pgstore"
+)
+
+const defaultURL = "postgres://postgres@127.0.0.1:5432/test"
+
+// figureGroups are the parts of the run that -figures selects, in run order.
+var figureGroups = []figureGroup{
+	{"write", writeFigures},
+	{"concurrent", concurrentFigure},
+	{"get", getFigures},
+	{"change", changeFigures},
+	{"memory", memoryFigure},
+}
+
+type figureGroup struct {
+	name string
+	run  func(context.Context, *env) error
+}
+
+type settings struct {
+	url        string
+	quick      bool
+	records    int // figure 1
+	concurrent int // records of figure 2
+	gets       int
+	changes    int
+	memRecords int
+	goroutines int
+	rounds     int
+	valueBytes int
+	figures    []string
+	cpuProfile string
+}
+
+func parseFlags(args []string) (settings, error) {
+	var s settings
+	fs := flag.NewFlagSet("benchmark", flag.ContinueOnError)
+	fs.StringVar(&s.url, "url", "", "PostgreSQL connection string (default: $DATABASE_URL, else "+defaultURL+")")
+	fs.BoolVar(&s.quick, "quick", false, "small sizes and one round: finishes in under 45 s")
+	fs.IntVar(&s.records, "records", 0, "records written per write figure (default 100000, -quick 20000)")
+	fs.IntVar(&s.concurrent, "concurrent-records", 0, "records written by the concurrent Set figure (default: -records)")
+	fs.IntVar(&s.gets, "gets", 0, "Get samples (default 10000, -quick 2000)")
+	fs.IntVar(&s.changes, "changes", 0, "change-latency samples (default 2000, -quick 300)")
+	fs.IntVar(&s.memRecords, "mem-records", 0, "records written by the memory figure (default 1000000, -quick 200000)")
+	fs.IntVar(&s.goroutines, "goroutines", 8, "goroutines of the concurrent figures")
+	fs.IntVar(&s.rounds, "rounds", 0, "rounds of each throughput figure, best kept (default 3, -quick 1)")
+	fs.IntVar(&s.valueBytes, "value-bytes", 200, "size of each record's JSON value")
+	figures := fs.String("figures", "write,concurrent,get,change,memory", "figures to measure, comma-separated")
+	fs.StringVar(&s.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
+	if err := fs.Parse(args); err != nil {
+		return s, err
+	}
+	if fs.NArg() > 0 {
+		return s, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	if s.url == "" {
+		s.url = os.Getenv("DATABASE_URL")
+	}
+	if s.url == "" {
+		s.url = defaultURL
+	}
+	byMode := func(v *int, full, quick int) {
+		if *v == 0 {
+			*v = full
+			if s.quick {
+				*v = quick
+			}
+		}
+	}
+	byMode(&s.records, 100_000, 20_000)
+	byMode(&s.concurrent, s.records, s.records)
+	byMode(&s.gets, 10_000, 2_000)
+	byMode(&s.changes, 2_000, 300)
+	byMode(&s.memRecords, 1_000_000, 200_000)
+	byMode(&s.rounds, 3, 1)
+	for _, n := range []int{s.records, s.concurrent, s.gets, s.changes, s.memRecords, s.goroutines, s.rounds} {
+		if n < 1 {
+			return s, errors.New("sizes, -goroutines and -rounds must be at least 1")
+		}
+	}
+	if s.valueBytes < 160 {
+		return s, errors.New("-value-bytes must be at least 160")
+	}
+	for _, f := range strings.Split(*figures, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.ContainsFunc(figureGroups, func(g figureGroup) bool { return g.name == f }) {
+			return s, fmt.Errorf("-figures: unknown figure %q", f)
+		}
+		s.figures = append(s.figures, f)
+	}
+	return s, nil
+}
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	s, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchmark:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills at once
+	}()
+
+	if s.cpuProfile != "" {
+		f, err := os.Create(s.cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "benchmark:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "benchmark:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
+	}
+
+	rep := newReport()
+	err = measure(ctx, s, rep)
+	rep.print(os.Stdout, s)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchmark:", err)
+		return 1
+	}
+	return 0
+}
+
+// env is what every figure works with.
+type env struct {
+	s      settings
+	rep    *report
+	raw    *pgxpool.Pool // the ceiling's pool, also used for setup and checks
+	schema string        // change feed on (pgstore's default)
+	// noFeed is the schema of the connectors with the change feed off; a
+	// schema of its own, so that no connector brings the triggers of the
+	// other's tables in line with its own events.
+	noFeed string
+}
+
+func measure(ctx context.Context, s settings, rep *report) error {
+	raw, err := pgxpool.New(ctx, s.url)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	if err := raw.Ping(ctx); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	if err := raw.QueryRow(ctx, "SHOW server_version").Scan(&rep.server); err != nil {
+		return err
+	}
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	name := "pgstore_bench_" + hex.EncodeToString(b[:])
+	e := &env{s: s, rep: rep, raw: raw, schema: name, noFeed: name + "_nofeed"}
+	defer e.dropSchemas()
+	rep.poolSize = int(raw.Config().MaxConns)
+
+	for _, g := range figureGroups {
+		if !slices.Contains(s.figures, g.name) {
+			continue
+		}
+		start := time.Now()
+		if err := g.run(ctx, e); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%s: interrupted: %w", g.name, err)
+			}
+			return fmt.Errorf("%s: %w", g.name, err)
+		}
+		progress("%s: done in %v", g.name, time.Since(start).Round(time.Millisecond))
+		runtime.GC() // one figure's garbage must not weigh on the next
+	}
+	return nil
+}
+
+// dropSchemas runs when the run ends, however it ends: with a context of its
+// own, since the run's may be cancelled.
+func (e *env) dropSchemas() {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, s := range []string{e.schema, e.noFeed} {
+		if _, err := e.raw.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE"); err != nil {
+			fmt.Fprintf(os.Stderr, "benchmark: drop schema %q: %v\n", s, err)
+		}
+	}
+}
+
+// A store is a connector on a pool of its own, opened as Connect opens one,
+// with a tracer that counts the pipelines the connector sends: one a flush.
+type store struct {
+	*pgstore.Connector
+	pool    *pgxpool.Pool
+	batches *batchCounter
+}
+
+// connect opens a store on schema, with pgstore's defaults unless opts say
+// otherwise. Open it inside labelled: its background goroutines inherit the
+// labels.
+func (e *env) connect(ctx context.Context, schema string, opts ...pgstore.Option) (*store, error) {
+	cfg, err := pgxpool.ParseConfig(e.s.url)
+	if err != nil {
+		return nil, err
+	}
+	s := &store{batches: &batchCounter{}}
+	cfg.ConnConfig.Tracer = s.batches
+	if s.pool, err = pgxpool.NewWithConfig(ctx, cfg); err != nil {
+		return nil, err
+	}
+	s.Connector, err = pgstore.New(ctx, s.pool, append([]pgstore.Option{pgstore.WithSchema(schema)}, opts...)...)
+	if err != nil {
+		s.pool.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// close flushes and closes the connector and its pool, also after the
+// run's context ended.
+func (s *store) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "benchmark: close connector:", err)
+	}
+	s.pool.Close()
+}
+
+// batchCounter is a pgx tracer that counts batches (pipelines).
+type batchCounter struct{ n atomic.Int64 }
+
+func (b *batchCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (b *batchCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (b *batchCounter) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	b.n.Add(1)
+	return ctx
+}
+func (b *batchCounter) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+func (b *batchCounter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData)     {}
+
+// labelled runs f with profiler labels naming the figure and the side
+// (pgstore or raw).
+func labelled(ctx context.Context, figure, side string, f func(context.Context) error) error {
+	var err error
+	pprof.Do(ctx, pprof.Labels("figure", figure, "side", side), func(ctx context.Context) { err = f(ctx) })
+	return err
+}
+
+// progress reports what the run is doing, on stderr.
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, format+"\n", args...)
+}
+
+func ident(schema, table string) string { return pgx.Identifier{schema, table}.Sanitize() }

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// getFigures measures figure 3: Get latency from one goroutine, and Get
+// throughput from several, over random keys of a table of -records records,
+// against the same SELECT on a pgxpool of the same size.
+func getFigures(ctx context.Context, e *env) error {
+	const figure, table = "get", "get"
+	var c *store
+	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
+		c, err = e.connect(ctx, e.schema)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	d := newDataset(e.s.records, e.s.valueBytes)
+	keys := d.keys(table)
+	progress("%s: loading %d records", figure, len(keys))
+	if _, _, err := c.setAsyncAll(ctx, keys, d.fresh, 1); err != nil {
+		return err
+	}
+	// The ceiling's pool: pgxpool's defaults, like the pool Connect opens.
+	pool, err := pgxpool.New(ctx, e.s.url)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	sql := "SELECT version, val FROM " + ident(e.schema, table) + " WHERE id = $1"
+
+	pgGet := func(ctx context.Context, i int) error {
+		rec, err := c.Get(ctx, keys[i])
+		if err == nil && rec.Version != 1 {
+			err = fmt.Errorf("get %q: version %d, want 1", keys[i], rec.Version)
+		}
+		return err
+	}
+	rawGet := func(ctx context.Context, i int) error {
+		var version int64
+		var val json.RawMessage
+		err := pool.QueryRow(ctx, sql, d.ids[i]).Scan(&version, &val)
+		if err == nil && version != 1 {
+			err = fmt.Errorf("raw get %q: version %d, want 1", d.ids[i], version)
+		}
+		return err
+	}
+
+	rng := rand.New(rand.NewPCG(1, 2))
+	sample := make([]int, e.s.gets)
+	for i := range sample {
+		sample[i] = rng.IntN(len(keys))
+	}
+
+	// Latency: one goroutine, the two sides taking turns key by key.
+	pgLat := make([]time.Duration, 0, len(sample))
+	rawLat := make([]time.Duration, 0, len(sample))
+	timed := func(side string, get func(context.Context, int) error, i int, lat *[]time.Duration) error {
+		return labelled(ctx, figure, side, func(ctx context.Context) error {
+			start := time.Now()
+			err := get(ctx, i)
+			*lat = append(*lat, time.Since(start))
+			return err
+		})
+	}
+	for n, i := range sample {
+		first, second := pgGet, rawGet
+		firstLat, secondLat := &pgLat, &rawLat
+		firstSide, secondSide := "pgstore", "raw"
+		if n%2 == 1 {
+			first, second, firstLat, secondLat, firstSide, secondSide = second, first, secondLat, firstLat, secondSide, firstSide
+		}
+		if err := timed(firstSide, first, i, firstLat); err != nil {
+			return err
+		}
+		if err := timed(secondSide, second, i, secondLat); err != nil {
+			return err
+		}
+	}
+	pg50, pg99 := percentiles(pgLat)
+	raw50, raw99 := percentiles(rawLat)
+	e.rep.set("get_p50", micros(pg50), micros(raw50))
+	e.rep.set("get_p99", micros(pg99), micros(raw99))
+	progress("%s latency: pgstore p50 %v p99 %v, raw p50 %v p99 %v", figure, pg50, pg99, raw50, raw99)
+
+	// Throughput: several goroutines, each side in turn.
+	best := bestOf{}
+	for round := range e.s.rounds {
+		sides := []func() error{
+			func() error {
+				return labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
+					v, err := concurrently(ctx, e.s.goroutines, sample, pgGet)
+					best.add("pgstore", v)
+					progress("%s concurrent round %d: pgstore %.0f get/s", figure, round+1, v)
+					return err
+				})
+			},
+			func() error {
+				return labelled(ctx, figure, "raw", func(ctx context.Context) error {
+					v, err := concurrently(ctx, e.s.goroutines, sample, rawGet)
+					best.add("raw", v)
+					progress("%s concurrent round %d: raw %.0f get/s", figure, round+1, v)
+					return err
+				})
+			},
+		}
+		if err := runAlternating(round, sides); err != nil {
+			return err
+		}
+	}
+	e.rep.set("get_concurrent", best["pgstore"], best["raw"])
+	e.rep.note("get_p50/p99: %d Gets of random keys among %d records, one goroutine, pgstore and raw taking turns key by key; "+
+		"ceiling = SELECT version, val FROM t WHERE id = $1 on a pgxpool (pool size %d, like pgstore's own pool)",
+		len(sample), len(keys), e.rep.poolSize)
+	e.rep.note("get_concurrent: the same %d Gets from %d goroutines, both sides on pools of %d connections", len(sample), e.s.goroutines, e.rep.poolSize)
+	return nil
+}
+
+// concurrently runs get over the sample from g goroutines, each taking every
+// g-th key, and returns the gets per second.
+func concurrently(ctx context.Context, g int, sample []int, get func(context.Context, int) error) (float64, error) {
+	var wg sync.WaitGroup
+	errs := make([]error, g)
+	start := time.Now()
+	for w := range g {
+		wg.Go(func() {
+			for n := w; n < len(sample); n += g {
+				if err := get(ctx, sample[n]); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	for _, err := range errs {
+		if err != nil {
+			return 0, err
+		}
+	}
+	return float64(len(sample)) / elapsed.Seconds(), nil
+}
+
+// percentiles returns the median and the 99th percentile (nearest rank).
+func percentiles(d []time.Duration) (p50, p99 time.Duration) {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	rank := func(p int) time.Duration { return s[max((len(s)*p+99)/100-1, 0)] }
+	return rank(50), rank(99)
+}
+
+func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
