@@ -51,8 +51,9 @@ type Connector struct {
 	ownsPool bool
 	cfg      config
 
-	mu     sync.Mutex
-	tables map[string]*table // tables accepted by the policy or known to exist
+	mu       sync.Mutex
+	tables   map[string]*table // tables accepted by the policy
+	policyMu sync.Mutex        // serialises first writes to new tables
 
 	buf         writeBuffer
 	cancelFlush context.CancelFunc
@@ -293,17 +294,25 @@ func (c *Connector) writeTable(key string) (*table, string, error) {
 	if t != nil {
 		return t, id, nil
 	}
+	// One decision at a time, so that writers racing to a new table ask the
+	// policy once: a policy may count tables against a quota.
+	c.policyMu.Lock()
+	defer c.policyMu.Unlock()
+	c.mu.Lock()
+	t = c.tables[name]
+	c.mu.Unlock()
+	if t != nil {
+		return t, id, nil
+	}
 	if c.cfg.tablePolicy != nil {
 		if err := c.cfg.tablePolicy(name); err != nil {
 			return nil, "", fmt.Errorf("pgstore: table %s refused by the table policy: %w", quoteInput(name), err)
 		}
 	}
+	t = newTable(c.cfg.schema, name, c.cfg.versionGuard)
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if t = c.tables[name]; t == nil {
-		t = newTable(c.cfg.schema, name, c.cfg.versionGuard)
-		c.tables[name] = t
-	}
+	c.tables[name] = t
+	c.mu.Unlock()
 	return t, id, nil
 }
 

@@ -132,9 +132,13 @@ func (c *Connector) enqueue(ctx context.Context, t *table, id string, version in
 		}
 	}
 	var cur *batch
-	if n := len(b.batches); n > 0 && !b.batches[n-1].inFlight && b.batches[n-1].count < c.cfg.maxBatchSize {
+	if n := len(b.batches); n > 0 && !b.batches[n-1].inFlight && b.batches[n-1].count < c.cfg.maxBatchSize &&
+		!(c.cfg.versionGuard && value != nil && b.batches[n-1].deletes(t.name, id)) {
 		cur = b.batches[n-1]
 	} else {
+		// A set that replaced a buffered delete would be held to the
+		// version of the row the delete removes: with the guard on, it
+		// goes in the next batch instead.
 		cur = &batch{tables: make(map[string]*tableWrites), created: time.Now(), done: make(chan struct{})}
 		b.batches = append(b.batches, cur)
 	}
@@ -160,6 +164,15 @@ func (c *Connector) enqueue(ctx context.Context, t *table, id string, version in
 		b.signal()
 	}
 	return res
+}
+
+// deletes reports whether the batch deletes a key.
+func (bt *batch) deletes(table, id string) bool {
+	if tw := bt.tables[table]; tw != nil {
+		w, ok := tw.writes[id]
+		return ok && w.value == nil
+	}
+	return false
 }
 
 func (b *writeBuffer) signal() {
