@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -104,7 +106,15 @@ type writeBuffer struct {
 	closed  bool
 	room    chan struct{} // closed (and replaced) when bytes are released
 	wake    chan struct{} // tells the flusher that something changed
+
+	// With interval 0, the next batch may wait for gatherTarget writes
+	// until gatherUntil (see complete).
+	gatherTarget int
+	gatherUntil  time.Time
 }
+
+// maxGather bounds how long group commit waits to gather writers.
+const maxGather = time.Millisecond
 
 // enqueue accepts a write (value nil for a delete) once the buffer has room.
 func (c *Connector) enqueue(ctx context.Context, t *table, id string, version int64, value []byte) *Result {
@@ -210,6 +220,9 @@ func (c *Connector) nextBatch(timer *time.Timer) *batch {
 		if len(b.batches) > 0 {
 			first := b.batches[0]
 			wait = c.cfg.writeInterval - time.Since(first.created)
+			if c.cfg.writeInterval == 0 && first.count < b.gatherTarget {
+				wait = time.Until(b.gatherUntil)
+			}
 			if b.closed || wait <= 0 || len(b.batches) > 1 || first.count >= c.cfg.maxBatchSize {
 				first.inFlight = true
 				b.mu.Unlock()
@@ -241,19 +254,30 @@ func (c *Connector) flushLoop(ctx context.Context) {
 		if bt == nil {
 			return
 		}
+		began := time.Now()
 		c.flush(ctx, bt)
-		c.complete(bt)
+		c.complete(bt, time.Since(began))
 	}
 }
 
 // complete removes a flushed batch from the buffer, then reports each
 // write's outcome: a reader never sees a failed write, and one that has
 // seen a write succeed finds it in the table.
-func (c *Connector) complete(bt *batch) {
+func (c *Connector) complete(bt *batch, took time.Duration) {
 	b := &c.buf
 	b.mu.Lock()
 	b.batches = b.batches[1:]
 	b.bytes -= bt.bytes
+	// Group commit: the writers this flush releases tend to write again at
+	// once. Let the next batch wait a moment for them, so that it holds
+	// what was pending plus as many again, instead of going out with the
+	// pending writes alone and leaving the rest a whole flush behind.
+	pending := 0
+	for _, next := range b.batches {
+		pending += next.count
+	}
+	b.gatherTarget = min(pending+bt.count, c.cfg.maxBatchSize)
+	b.gatherUntil = time.Now().Add(min(took/4, maxGather))
 	close(b.room)
 	b.room = make(chan struct{})
 	b.mu.Unlock()
@@ -404,9 +428,14 @@ func (tw *tableWrites) columns() *columns {
 	if tw.cols != nil {
 		return tw.cols
 	}
-	n := len(tw.writes)
+	// In key order: the index is written in order, and two connectors
+	// writing overlapping keys lock rows in the same order, so they cannot
+	// deadlock.
+	ids := slices.Sorted(maps.Keys(tw.writes))
+	n := len(ids)
 	cols := &columns{ids: make([]string, 0, n), versions: make([]int64, 0, n), values: make([]json.RawMessage, 0, n)}
-	for id, w := range tw.writes {
+	for _, id := range ids {
+		w := tw.writes[id]
 		if w.value == nil {
 			cols.deletes = append(cols.deletes, id)
 			continue
