@@ -75,7 +75,7 @@ func parseFlags(args []string) (settings, error) {
 	fs.StringVar(&s.url, "url", "", "PostgreSQL connection string (default: $DATABASE_URL, else "+defaultURL+")")
 	fs.BoolVar(&s.quick, "quick", false, "small sizes and one round: finishes in under 45 s")
 	fs.IntVar(&s.records, "records", 0, "records written per write figure (default 100000, -quick 20000)")
-	fs.IntVar(&s.concurrent, "concurrent-records", 0, "records written by the concurrent Set figure (default: -records)")
+	fs.IntVar(&s.concurrent, "concurrent-records", 0, "records written by the concurrent Set figure (default 20000, -quick 4000)")
 	fs.IntVar(&s.gets, "gets", 0, "Get samples (default 10000, -quick 2000)")
 	fs.IntVar(&s.changes, "changes", 0, "change-latency samples (default 2000, -quick 300)")
 	fs.IntVar(&s.memRecords, "mem-records", 0, "records written by the memory figure (default 1000000, -quick 200000)")
@@ -105,7 +105,7 @@ func parseFlags(args []string) (settings, error) {
 		}
 	}
 	byMode(&s.records, 100_000, 20_000)
-	byMode(&s.concurrent, s.records, s.records)
+	byMode(&s.concurrent, 20_000, 4_000) // the raw side writes a row per round trip
 	byMode(&s.gets, 10_000, 2_000)
 	byMode(&s.changes, 2_000, 300)
 	byMode(&s.memRecords, 1_000_000, 200_000)
