@@ -106,6 +106,7 @@ type writeBuffer struct {
 	closed  bool
 	room    chan struct{} // closed (and replaced) when bytes are released
 	wake    chan struct{} // tells the flusher that something changed
+	starved bool          // a writer waits for room
 
 	// With interval 0, the next batch may wait for gatherTarget writes
 	// until gatherUntil (see complete).
@@ -123,7 +124,9 @@ func (c *Connector) enqueue(ctx context.Context, t *table, id string, version in
 	b.mu.Lock()
 	for !b.closed && b.bytes > 0 && b.bytes+cost+len(id)+keyOverhead > c.cfg.bufferLimit {
 		room := b.room
+		b.starved = true // a full buffer is flushed without waiting for the interval
 		b.mu.Unlock()
+		b.signal()
 		select {
 		case <-room:
 		case <-ctx.Done():
@@ -223,8 +226,9 @@ func (c *Connector) nextBatch(timer *time.Timer) *batch {
 			if c.cfg.writeInterval == 0 && first.count < b.gatherTarget {
 				wait = time.Until(b.gatherUntil)
 			}
-			if b.closed || wait <= 0 || len(b.batches) > 1 || first.count >= c.cfg.maxBatchSize {
+			if b.closed || b.starved || wait <= 0 || len(b.batches) > 1 || first.count >= c.cfg.maxBatchSize {
 				first.inFlight = true
+				b.starved = false
 				b.mu.Unlock()
 				return first
 			}
