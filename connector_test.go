@@ -786,3 +786,22 @@ func TestAWriteIsRetriedUntilAPassingFailureHasPassed(t *testing.T) {
 	require.EqualValues(t, 3, fp.calls.Load(), "the write went through only after the failures passed")
 	requireRecord(t, c, "r/x", 1, `"made it"`)
 }
+
+func TestAHangingConnectionFailsTheWriteAfterTheRetryTimeout(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	proxy, url := pgtest.NewProxy(t)
+	schema := pgtest.Schema(t)
+	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema(schema), pgstore.WithRetryTimeout(time.Second))
+	require.NoError(t, err)
+	t.Cleanup(func() { proxy.Restore(); _ = c.Close(context.Background()) })
+	require.NoError(t, c.Set(ctx, "t/before", 1, 1))
+
+	// The network silently stops: no error, no answer.
+	proxy.Freeze()
+	err = c.Set(ctx, "t/hung", 1, 1)
+	require.ErrorIs(t, err, context.DeadlineExceeded, "the attempt is bounded, not left hanging")
+	require.ErrorContains(t, err, "may have committed", "the batch was sent: its outcome is unknown")
+	proxy.Restore()
+	require.NoError(t, c.Set(ctx, "t/after", 1, 1))
+}

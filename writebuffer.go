@@ -114,6 +114,10 @@ type writeBuffer struct {
 	gatherUntil  time.Time
 }
 
+// minAttemptTime is the least time a flush attempt is given, however little
+// is left of the retry timeout.
+const minAttemptTime = 5 * time.Second
+
 // maxGather bounds how long group commit waits to gather writers.
 const maxGather = time.Millisecond
 
@@ -309,12 +313,21 @@ func (c *Connector) flush(ctx context.Context, bt *batch) {
 	deadline := time.Now().Add(c.cfg.retryTimeout)
 	backoff := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
-		err := c.writeBatch(ctx, bt)
+		// A connection that hangs (a lost network does not always say so)
+		// must not hold the batch past the retry timeout.
+		attemptCtx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), minAttemptTime))
+		err := c.writeBatch(attemptCtx, bt)
+		cancel()
 		if err == nil {
 			return
 		}
 		sleep := backoff/2 + rand.N(backoff/2+1)
 		if !retryable(err) || ctx.Err() != nil || time.Now().Add(sleep).After(deadline) {
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+				// The batch was sent and no answer came back.
+				err = fmt.Errorf("%w (the server may have committed it before the connection failed)", err)
+			}
 			err = fmt.Errorf("pgstore: write failed after %d attempt(s): %w", attempt, err)
 			c.cfg.logger.Error("pgstore: batch failed", "records", bt.count, "attempts", attempt, "err", err)
 			for _, tw := range bt.tables {

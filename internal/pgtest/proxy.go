@@ -1,7 +1,6 @@
 package pgtest
 
 import (
-	"io"
 	"net"
 	"net/url"
 	"sync"
@@ -15,6 +14,7 @@ type Proxy struct {
 	ln     net.Listener
 	mu     sync.Mutex
 	down   bool
+	thaw   chan struct{} // while frozen: closed by Restore
 	conns  map[net.Conn]struct{}
 	wg     sync.WaitGroup
 }
@@ -70,7 +70,24 @@ func (p *Proxy) accept() {
 
 func (p *Proxy) pipe(dst, src net.Conn) {
 	defer p.wg.Done()
-	_, _ = io.Copy(dst, src) // ends when either side is closed or cut
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.mu.Lock()
+			thaw := p.thaw
+			p.mu.Unlock()
+			if thaw != nil {
+				<-thaw // frozen: hold the bytes, as a lost network would
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break // closed or cut
+		}
+	}
 	dst.Close()
 	src.Close()
 	p.mu.Lock()
@@ -90,15 +107,30 @@ func (p *Proxy) Cut() {
 	}
 }
 
-// Restore accepts connections again.
+// Restore accepts connections again, and ends a Freeze.
 func (p *Proxy) Restore() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.down = false
+	if p.thaw != nil {
+		close(p.thaw)
+		p.thaw = nil
+	}
+}
+
+// Freeze stops forwarding bytes without closing anything, until Restore:
+// the connections hang, as over a network that silently lost the server.
+func (p *Proxy) Freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.thaw == nil {
+		p.thaw = make(chan struct{})
+	}
 }
 
 func (p *Proxy) close() {
 	p.ln.Close()
+	p.Restore()
 	p.Cut()
 	p.wg.Wait()
 }
