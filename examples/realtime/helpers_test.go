@@ -67,7 +67,7 @@ func startNode(t testing.TB, schema string) *node {
 			t.Errorf("close store: %v", err)
 		}
 	})
-	srv := NewServer(PGStore{Connector: store, Schema: schema}, logger)
+	srv := NewServer(PGStore{store}, logger)
 	t.Cleanup(func() { srv.Close() })
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)

@@ -67,7 +67,7 @@ func run(ctx context.Context, addr, url, schema string, logger *slog.Logger) err
 		}
 	}()
 
-	srv := NewServer(PGStore{Connector: store, Schema: schema}, logger)
+	srv := NewServer(PGStore{store}, logger)
 	defer srv.Close()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -111,7 +111,7 @@ func sameShard(s *Server, key, prefix string) string {
 }
 
 // schema returns the node's schema, for reading PostgreSQL directly.
-func (s *node) schema() string { return s.srv.storage.(PGStore).Schema }
+func (s *node) schema() string { return s.srv.storage.(PGStore).Schema() }
 
 func TestTwoNodes(t *testing.T) {
 	t.Parallel()

@@ -37,18 +37,16 @@ type Entry struct {
 	Value   json.RawMessage `json:"value"`
 }
 
-// PGStore is a pgstore connector with the name of its schema, which listing a
-// table with Query needs and the connector does not expose.
+// PGStore is a pgstore connector that can also list a table.
 type PGStore struct {
 	*pgstore.Connector
-	Schema string
 }
 
 var _ Lister = PGStore{}
 
 // List selects the records of a table, reading only what is durable.
 func (p PGStore) List(ctx context.Context, table string, limit int) ([]Entry, error) {
-	sql := "SELECT id, version, val FROM " + pgx.Identifier{p.Schema, table}.Sanitize() + " ORDER BY id LIMIT $1"
+	sql := "SELECT id, version, val FROM " + pgx.Identifier{p.Schema(), table}.Sanitize() + " ORDER BY id LIMIT $1"
 	rows, err := p.Query(ctx, sql, limit)
 	if err == nil {
 		var entries []Entry
