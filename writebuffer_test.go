@@ -564,3 +564,19 @@ func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) 
 	require.EqualValues(t, n, rowCount(t, c, schema, "bulk"))
 	require.EqualValues(t, n*(n-1)/2, queryInt(t, c, "SELECT sum(version)::bigint FROM "+ident(schema, "bulk")))
 }
+
+// deepstream flushed concurrently, so an older value could land last.
+func TestFlushesInOrderSoAStaleValueNeverWins(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	// Batches of one record: every write to the hot key is its own flush.
+	c := connectSchema(t, schema, pgstore.WithMaxBatchSize(1))
+	var results []*pgstore.Result
+	for v := int64(1); v <= 300; v++ {
+		results = append(results, c.SetAsync("hot/k", v, v))
+		results = append(results, c.SetAsync(fmt.Sprintf("hot/other-%d", v), v, v))
+	}
+	waitAll(t, results)
+	fresh := connectSchema(t, schema) // reads the table, not a buffer
+	requireRecord(t, fresh, "hot/k", 300, "300")
+}
