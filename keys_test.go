@@ -306,3 +306,21 @@ func TestTheLongestIDsAndTablesOfCharactersThatNeedEscapingAreWritten(t *testing
 	require.NoError(t, after.Delete(ctx, keys[0]))
 	requireNotFound(t, after, keys[0])
 }
+
+// deepstream built its batch as one SQL string: an id with ' failed the
+// batch of every neighbour.
+func TestIDsWithQuotesShareABatchWithOtherIDs(t *testing.T) {
+	t.Parallel()
+	ids := []string{"plain", "it's", `"quoted"`, "x'; DROP TABLE q; --", `back\slash`, "semi;colon", "also plain"}
+	// One batch: it goes out when its last id arrives.
+	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(len(ids)))
+	var results []*pgstore.Result
+	for i, id := range ids {
+		results = append(results, c.SetAsync("q/"+id, int64(i), id))
+	}
+	waitAll(t, results)
+	for i, id := range ids {
+		requireRecord(t, c, "q/"+id, int64(i), jsonOf(t, id))
+	}
+	require.EqualValues(t, len(ids), rowCount(t, c, schema, "q"))
+}
