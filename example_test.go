@@ -6,10 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
@@ -347,5 +350,663 @@ func ExampleWithTablePolicy() {
 	fmt.Println(errors.Is(err, errUnknownTable))
 	// Output:
 	// <nil>
+	// true
+}
+
+// printEvent prints an event as "TYPE table" or "TYPE key version".
+func printEvent(e pgstore.Event) {
+	switch e.Type {
+	case pgstore.CreateTable, pgstore.DestroyTable:
+		fmt.Println(e.Type, e.Table)
+	default:
+		fmt.Println(e.Type, e.Key, "version", e.Version)
+	}
+}
+
+func ExampleConnector_Subscribe() {
+	defer exampleSchema("pgstore_example_subscribe")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_subscribe"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	// The handler runs on the subscription's own goroutine, one event at a
+	// time; here it hands them over.
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+
+	// Every change committed after Subscribe returns is delivered, from
+	// this connector or any other on the schema.
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "cars/bmw", 2, car{Model: "bmw", HP: 310}); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Delete(ctx, "cars/bmw"); err != nil {
+		log.Fatal(err)
+	}
+	for range 4 {
+		printEvent(<-events)
+	}
+	// Output:
+	// CREATE_TABLE cars
+	// INSERT cars/bmw version 1
+	// UPDATE cars/bmw version 2
+	// DELETE cars/bmw version 2
+}
+
+func ExampleForTables() {
+	defer exampleSchema("pgstore_example_fortables")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_fortables"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.ForTables("cars"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+
+	if err := c.Set(ctx, "bikes/bmx", 1, "not for this subscription"); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	printEvent(<-events)
+	printEvent(<-events)
+	// Output:
+	// CREATE_TABLE cars
+	// INSERT cars/bmw version 1
+}
+
+func ExampleForEvents() {
+	defer exampleSchema("pgstore_example_forevents")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_forevents"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	// Only changes and removals of existing records.
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e },
+		pgstore.ForEvents(pgstore.Update, pgstore.Delete))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+
+	for version := int64(1); version <= 2; version++ {
+		if err := c.Set(ctx, "cars/bmw", version, car{Model: "bmw", HP: 300}); err != nil {
+			log.Fatal(err)
+		}
+	}
+	if err := c.Delete(ctx, "cars/bmw"); err != nil {
+		log.Fatal(err)
+	}
+	printEvent(<-events)
+	printEvent(<-events)
+	// Output:
+	// UPDATE cars/bmw version 2
+	// DELETE cars/bmw version 2
+}
+
+func ExampleForSchema() {
+	defer exampleSchema("pgstore_example_forschema")()
+	defer exampleSchema("pgstore_example_forschema_shop")()
+	ctx := context.Background()
+	url := exampleDatabaseURL()
+	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_forschema"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	// Another application keeps its records in a schema of its own.
+	shop, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_forschema_shop"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer shop.Close(ctx)
+
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e },
+		pgstore.ForSchema("pgstore_example_forschema_shop"), pgstore.ForEvents(pgstore.Insert))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+
+	if err := shop.Set(ctx, "orders/1", 1, map[string]int{"total": 42}); err != nil {
+		log.Fatal(err)
+	}
+	e := <-events
+	fmt.Println(e.Schema, e.Type, e.Key)
+	// Output:
+	// pgstore_example_forschema_shop INSERT orders/1
+}
+
+func ExampleWithEvents() {
+	defer exampleSchema("pgstore_example_withevents")()
+	ctx := context.Background()
+	// Only inserts and deletes are announced: updates cost no trigger.
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_withevents"),
+		pgstore.WithEvents(pgstore.Insert, pgstore.Delete))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+
+	for version := int64(1); version <= 2; version++ {
+		if err := c.Set(ctx, "cars/bmw", version, car{Model: "bmw", HP: 300}); err != nil {
+			log.Fatal(err)
+		}
+	}
+	if err := c.Delete(ctx, "cars/bmw"); err != nil {
+		log.Fatal(err)
+	}
+	printEvent(<-events)
+	printEvent(<-events)
+	// Output:
+	// INSERT cars/bmw version 1
+	// DELETE cars/bmw version 2
+}
+
+func ExampleEventType_String() {
+	for _, t := range []pgstore.EventType{pgstore.CreateTable, pgstore.DestroyTable,
+		pgstore.Insert, pgstore.Update, pgstore.Delete, pgstore.Resync} {
+		fmt.Println(t)
+	}
+	fmt.Println(pgstore.EventType(42))
+	// Output:
+	// CREATE_TABLE
+	// DESTROY_TABLE
+	// INSERT
+	// UPDATE
+	// DELETE
+	// RESYNC
+	// EventType(42)
+}
+
+func ExampleConnector_GetSchemaOverview() {
+	defer exampleSchema("pgstore_example_overview")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_overview"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	for _, key := range []string{"cars/bmw", "cars/vw", "bikes/bmx"} {
+		if err := c.Set(ctx, key, 1, "x"); err != nil {
+			log.Fatal(err)
+		}
+	}
+	overview, err := c.GetSchemaOverview(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(overview)
+	// Output:
+	// map[bikes:1 cars:2]
+}
+
+func ExampleConnector_GetSchemaOverviewOf() {
+	defer exampleSchema("pgstore_example_overviewof")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_overviewof"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	for _, key := range []string{"cars/bmw", "cars/vw", "cars/audi"} {
+		if err := c.Set(ctx, key, 1, "x"); err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	overview := func(schema string, estimate bool) map[string]int64 {
+		m, err := c.GetSchemaOverviewOf(ctx, schema, estimate)
+		if err != nil {
+			log.Fatal(err)
+		}
+		return m
+	}
+	fmt.Println("exact:", overview("pgstore_example_overviewof", false))
+	// Estimates cost nothing, but are as of the last VACUUM or ANALYZE: -1
+	// for a table never analysed (on PostgreSQL 14 and later).
+	fmt.Println("estimate:", overview("pgstore_example_overviewof", true))
+	if _, err := c.Exec(ctx, "ANALYZE pgstore_example_overviewof.cars"); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("estimate after ANALYZE:", overview("pgstore_example_overviewof", true))
+	// A schema that does not exist holds no tables.
+	fmt.Println("no such schema:", overview("pgstore_example_nosuchschema", false))
+	// Output:
+	// exact: map[cars:3]
+	// estimate: map[cars:-1]
+	// estimate after ANALYZE: map[cars:3]
+	// no such schema: map[]
+}
+
+func ExampleConnector_CreateSchema() {
+	defer exampleSchema("pgstore_example_createschema")()
+	defer exampleSchema("pgstore_example_createschema_tenant")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_createschema"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	// Prepare a schema for the connectors of a new tenant (which then need
+	// no right to create schemas). Creating it again is fine.
+	fmt.Println(c.CreateSchema(ctx, "pgstore_example_createschema_tenant"))
+	fmt.Println(c.CreateSchema(ctx, "pgstore_example_createschema_tenant"))
+
+	rows, err := c.Query(ctx, "SELECT count(*) FROM pg_namespace WHERE nspname = $1", "pgstore_example_createschema_tenant")
+	if err != nil {
+		log.Fatal(err)
+	}
+	n, err := pgx.CollectExactlyOneRow(rows, pgx.RowTo[int])
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("schemas:", n)
+	// Output:
+	// <nil>
+	// <nil>
+	// schemas: 1
+}
+
+func ExampleConnector_DestroySchema() {
+	defer exampleSchema("pgstore_example_destroyschema")()
+	defer exampleSchema("pgstore_example_destroyschema_old")()
+	ctx := context.Background()
+	url := exampleDatabaseURL()
+	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_destroyschema"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	old, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_destroyschema_old"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := old.Set(ctx, "cars/bmw", 1, car{Model: "bmw"}); err != nil {
+		log.Fatal(err)
+	}
+	if err := old.Close(ctx); err != nil {
+		log.Fatal(err)
+	}
+
+	// Drop the old schema with all its tables.
+	fmt.Println(c.DestroySchema(ctx, "pgstore_example_destroyschema_old"))
+	err = c.DestroySchema(ctx, "pgstore_example_destroyschema_old")
+	fmt.Println(errors.Is(err, pgstore.ErrSchemaNotFound))
+	// PostgreSQL's own schemas are refused.
+	fmt.Println(c.DestroySchema(ctx, "public"))
+	// Output:
+	// <nil>
+	// true
+	// pgstore: DestroySchema: refusing to drop the system schema "public"
+}
+
+func ExampleConnector_DropTable() {
+	defer exampleSchema("pgstore_example_droptable")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_droptable"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw"}); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "bikes/bmx", 1, "bmx"); err != nil {
+		log.Fatal(err)
+	}
+
+	// Subscribers receive DESTROY_TABLE bikes.
+	fmt.Println(c.DropTable(ctx, "bikes"))
+	overview, err := c.GetSchemaOverview(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(overview)
+	err = c.DropTable(ctx, "bikes")
+	fmt.Println(errors.Is(err, pgstore.ErrNotFound))
+	// Output:
+	// <nil>
+	// map[cars:1]
+	// true
+}
+
+func ExampleConnector_Query() {
+	defer exampleSchema("pgstore_example_query")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_query"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	for _, cr := range []car{{"bmw", 300}, {"vw", 90}, {"audi", 200}} {
+		if err := c.Set(ctx, "cars/"+cr.Model, 1, cr); err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	// Each table has the columns id, version and val (jsonb).
+	rows, err := c.Query(ctx, `SELECT id FROM pgstore_example_query.cars
+		WHERE (val->>'hp')::int > $1 ORDER BY id`, 150)
+	if err != nil {
+		log.Fatal(err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(ids)
+	// Output:
+	// [audi bmw]
+}
+
+func ExampleConnector_Exec() {
+	defer exampleSchema("pgstore_example_exec")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_exec"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+
+	// An index for queries on a field of the records.
+	tag, err := c.Exec(ctx, "CREATE INDEX cars_model ON pgstore_example_exec.cars ((val->>'model'))")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tag)
+	// Output:
+	// CREATE INDEX
+}
+
+func ExampleConnector_Schema() {
+	defer exampleSchema("pgstore_example_schema")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_schema"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	fmt.Println(c.Schema())
+	// Output:
+	// pgstore_example_schema
+}
+
+func ExampleConnector_Close() {
+	defer exampleSchema("pgstore_example_close")()
+	ctx := context.Background()
+	url := exampleDatabaseURL()
+	c, err := pgstore.Connect(ctx, url,
+		pgstore.WithSchema("pgstore_example_close"), pgstore.WithWriteInterval(time.Minute))
+	if err != nil {
+		log.Fatal(err)
+	}
+	c.SetAsync("cars/bmw", 1, car{Model: "bmw", HP: 300}) // buffered for up to a minute
+
+	// On shutdown, Close flushes the buffered writes, within a bound.
+	shutdownCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	fmt.Println(c.Close(shutdownCtx))
+	fmt.Println(errors.Is(c.Set(ctx, "cars/vw", 1, car{Model: "vw"}), pgstore.ErrClosed))
+
+	c, err = pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_close"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	rec, err := c.Get(ctx, "cars/bmw")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(string(rec.Value))
+	// Output:
+	// <nil>
+	// true
+	// {"hp": 300, "model": "bmw"}
+}
+
+func ExampleConnector_DeleteAsync() {
+	defer exampleSchema("pgstore_example_deleteasync")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_deleteasync"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	for _, model := range []string{"bmw", "vw"} {
+		if err := c.Set(ctx, "cars/"+model, 1, car{Model: model}); err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	// The removals are accepted at once and applied in call order.
+	results := []*pgstore.Result{c.DeleteAsync("cars/bmw"), c.DeleteAsync("cars/vw")}
+	for _, res := range results {
+		if err := res.Wait(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	_, err = c.Get(ctx, "cars/bmw")
+	fmt.Println(errors.Is(err, pgstore.ErrNotFound))
+	// Output:
+	// true
+}
+
+func ExampleWithSchema() {
+	defer exampleSchema("pgstore_example_withschema_a")()
+	defer exampleSchema("pgstore_example_withschema_b")()
+	ctx := context.Background()
+	url := exampleDatabaseURL()
+	// Connectors on different schemas keep separate records.
+	a, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_withschema_a"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer a.Close(ctx)
+	b, err := pgstore.Connect(ctx, url, pgstore.WithSchema("pgstore_example_withschema_b"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close(ctx)
+
+	if err := a.Set(ctx, "cars/bmw", 1, "in a"); err != nil {
+		log.Fatal(err)
+	}
+	if err := b.Set(ctx, "cars/bmw", 1, "in b"); err != nil {
+		log.Fatal(err)
+	}
+	for _, c := range []*pgstore.Connector{a, b} {
+		rec, err := c.Get(ctx, "cars/bmw")
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(c.Schema(), string(rec.Value))
+	}
+	// Output:
+	// pgstore_example_withschema_a "in a"
+	// pgstore_example_withschema_b "in b"
+}
+
+func ExampleWithMaxBatchSize() {
+	defer exampleSchema("pgstore_example_maxbatch")()
+	ctx := context.Background()
+	// No transaction writes more than 100 records.
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(),
+		pgstore.WithSchema("pgstore_example_maxbatch"), pgstore.WithMaxBatchSize(100))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	var results []*pgstore.Result
+	for i := range 1000 {
+		results = append(results, c.SetAsync(fmt.Sprintf("cars/%d", i), 1, i))
+	}
+	for _, res := range results {
+		if err := res.Wait(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	overview, err := c.GetSchemaOverview(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(overview)
+	// Output:
+	// map[cars:1000]
+}
+
+func ExampleWithBufferLimit() {
+	defer exampleSchema("pgstore_example_bufferlimit")()
+	ctx := context.Background()
+	// At most 1 MiB of writes wait in memory; beyond that, SetAsync waits
+	// for a flush to make room. Nothing is dropped.
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(),
+		pgstore.WithSchema("pgstore_example_bufferlimit"), pgstore.WithBufferLimit(1<<20))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	entry := strings.Repeat("x", 10_000)
+	var results []*pgstore.Result
+	for i := range 500 { // 5 MB in all
+		results = append(results, c.SetAsync(fmt.Sprintf("logs/%d", i), 1, entry))
+	}
+	for _, res := range results {
+		if err := res.Wait(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	overview, err := c.GetSchemaOverview(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(overview)
+	// Output:
+	// map[logs:500]
+}
+
+func ExampleWithDefaultTable() {
+	defer exampleSchema("pgstore_example_defaulttable")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(),
+		pgstore.WithSchema("pgstore_example_defaulttable"), pgstore.WithDefaultTable("users"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	// A key without "/" is a record of the default table.
+	if err := c.Set(ctx, "alice", 1, map[string]string{"name": "Alice"}); err != nil {
+		log.Fatal(err)
+	}
+	rec, err := c.Get(ctx, "users/alice")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(string(rec.Value))
+	// Output:
+	// {"name": "Alice"}
+}
+
+// exampleBusyTable creates, by hand, a record table whose inserts fail as
+// they would on a server too busy to serialize them: a passing failure.
+func exampleBusyTable(ctx context.Context, c *pgstore.Connector, schema, table string) {
+	t := pgx.Identifier{schema, table}.Sanitize()
+	fn := pgx.Identifier{schema, "busy"}.Sanitize()
+	for _, stmt := range []string{
+		"CREATE TABLE " + t + " (id text PRIMARY KEY, version bigint NOT NULL, val jsonb NOT NULL)",
+		"CREATE FUNCTION " + fn + "() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'server busy' USING ERRCODE = 'serialization_failure'; END$$",
+		"CREATE TRIGGER busy BEFORE INSERT ON " + t + " FOR EACH ROW EXECUTE FUNCTION " + fn + "()",
+	} {
+		if _, err := c.Exec(ctx, stmt); err != nil {
+			log.Fatal(err)
+		}
+	}
+}
+
+func ExampleWithLogger() {
+	defer exampleSchema("pgstore_example_logger")()
+	ctx := context.Background()
+	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey && len(groups) == 0 {
+				return slog.Attr{} // no time, for a stable output
+			}
+			return a
+		},
+	}))
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_logger"),
+		pgstore.WithLogger(logger), pgstore.WithRetryTimeout(0))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	exampleBusyTable(ctx, c, "pgstore_example_logger", "cars")
+
+	// The failed write is logged, as well as reported to its writer.
+	err = c.Set(ctx, "cars/bmw", 1, car{Model: "bmw"})
+	fmt.Println("failed:", err != nil)
+	// Output:
+	// level=ERROR msg="pgstore: batch failed" records=1 attempts=1 err="pgstore: write failed after 1 attempt(s): ERROR: server busy (SQLSTATE 40001)"
+	// failed: true
+}
+
+func ExampleWithRetryTimeout() {
+	defer exampleSchema("pgstore_example_retry")()
+	ctx := context.Background()
+	// A write that fails for a passing reason is retried for up to a second,
+	// then fails with the cause.
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_retry"),
+		pgstore.WithRetryTimeout(time.Second), pgstore.WithLogger(nil)) // no log of the retries here
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	exampleBusyTable(ctx, c, "pgstore_example_retry", "cars")
+
+	err = c.Set(ctx, "cars/bmw", 1, car{Model: "bmw"})
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		fmt.Println(pgErr.Code, pgErr.Message)
+	}
+	_, err = c.Get(ctx, "cars/bmw")
+	fmt.Println(errors.Is(err, pgstore.ErrNotFound))
+	// Output:
+	// 40001 server busy
 	// true
 }
