@@ -246,35 +246,49 @@ func listTables(ctx context.Context, q interface {
 }
 
 // syncTriggers gives the existing tables of the schema the triggers of the
-// events now configured, so that changing WithEvents takes effect on the
-// next Connect. Tables already in line cost one catalogue query.
-func syncTriggers(ctx context.Context, db beginner, schema string, events eventSet) error {
-	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
-			return err
-		}
-		tables, err := listTables(ctx, tx, schema)
-		if err != nil {
-			return err
-		}
-		for _, t := range tables {
-			for _, tr := range rowTriggers {
-				has := slices.Contains(t.triggers, tr.name)
-				if has == events.has(tr.event) {
-					continue
-				}
-				ident := pgx.Identifier{schema, t.name}.Sanitize()
-				sql := "DROP TRIGGER " + tr.name + " ON " + ident
-				if !has {
-					sql = triggerSQL(schema, t.name, eventSet(1<<tr.event))[0]
-				}
-				if _, err := tx.Exec(ctx, sql); err != nil {
-					return fmt.Errorf("table %q: %w", t.name, err)
-				}
+// events now configured, so that WithEvents takes effect on existing tables.
+// Tables already in line cost nothing but the catalogue query; each table
+// that changes has a transaction of its own, so that a schema of thousands of
+// tables never holds thousands of locks at once.
+func syncTriggers(ctx context.Context, db interface {
+	beginner
+	Query(context.Context, string, ...any) (pgx.Rows, error)
+}, schema string, events eventSet) error {
+	tables, err := listTables(ctx, db, schema)
+	if err != nil {
+		return err
+	}
+	for _, t := range tables {
+		var stmts []string
+		ident := pgx.Identifier{schema, t.name}.Sanitize()
+		for _, tr := range rowTriggers {
+			switch has := slices.Contains(t.triggers, tr.name); {
+			case has && !events.has(tr.event):
+				stmts = append(stmts, "DROP TRIGGER IF EXISTS "+tr.name+" ON "+ident)
+			case !has && events.has(tr.event):
+				stmts = append(stmts, "DROP TRIGGER IF EXISTS "+tr.name+" ON "+ident, // created meanwhile by another connector
+					triggerSQL(schema, t.name, eventSet(1<<tr.event))[0])
 			}
 		}
-		return nil
-	})
+		if len(stmts) == 0 {
+			continue
+		}
+		err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+				return err
+			}
+			for _, stmt := range stmts {
+				if _, err := tx.Exec(ctx, stmt); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil && !isUndefinedTable(err) { // a table dropped meanwhile needs no triggers
+			return fmt.Errorf("table %q: %w", t.name, err)
+		}
+	}
+	return nil
 }
 
 // CreateSchema creates a schema, ready for connectors, if it does not exist.
@@ -411,7 +425,9 @@ func (c *Connector) GetSchemaOverview(ctx context.Context) (map[string]int64, er
 
 // GetSchemaOverviewOf returns the number of records in each pgstore table of
 // a schema; tables made by hand are left out, and a schema that does not
-// exist has none. Counts are exact, which reads every table in full; with
+// exist has none. Counts are exact, which reads every table in full (tables
+// are counted a few hundred per statement, so the counts of a large schema
+// are not all of one instant); with
 // estimate they come from the planner's statistics instead (pg_class.reltuples,
 // as of the last VACUUM or ANALYZE, -1 for a table never analysed), which
 // costs nothing on schemas of millions of records. Buffered writes are not
@@ -454,28 +470,38 @@ func (c *Connector) GetSchemaOverviewOf(ctx context.Context, schema string, esti
 	}
 }
 
-// countRecords counts the records of every pgstore table of a schema in one
-// statement, so that the counts are of one snapshot.
+// countTablesPerStatement bounds the tables one counting statement reads:
+// each holds a lock (with its index) until the statement ends, and
+// PostgreSQL's shared lock table has room for a few thousand in all.
+const countTablesPerStatement = 200
+
+// countRecords counts the records of every pgstore table of a schema, a
+// chunk of tables per statement.
 func (c *Connector) countRecords(ctx context.Context, schema string, overview map[string]int64) error {
 	tables, err := listTables(ctx, c.pool, schema)
-	if err != nil || len(tables) == 0 {
-		return err
-	}
-	parts := make([]string, len(tables))
-	args := make([]any, len(tables))
-	for i, t := range tables {
-		parts[i] = fmt.Sprintf("SELECT $%d::text, count(*) FROM %s", i+1, pgx.Identifier{schema, t.name}.Sanitize())
-		args[i] = t.name
-	}
-	rows, err := c.pool.Query(ctx, strings.Join(parts, " UNION ALL "), args...)
 	if err != nil {
 		return err
 	}
-	var name string
-	var count int64
-	_, err = pgx.ForEachRow(rows, []any{&name, &count}, func() error {
-		overview[name] = count
-		return nil
-	})
-	return err
+	for chunk := range slices.Chunk(tables, countTablesPerStatement) {
+		parts := make([]string, len(chunk))
+		args := make([]any, len(chunk))
+		for i, t := range chunk {
+			parts[i] = fmt.Sprintf("SELECT $%d::text, count(*) FROM %s", i+1, pgx.Identifier{schema, t.name}.Sanitize())
+			args[i] = t.name
+		}
+		rows, err := c.pool.Query(ctx, strings.Join(parts, " UNION ALL "), args...)
+		if err != nil {
+			return err
+		}
+		var name string
+		var count int64
+		_, err = pgx.ForEachRow(rows, []any{&name, &count}, func() error {
+			overview[name] = count
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
