@@ -425,13 +425,13 @@ func (c *Connector) GetSchemaOverview(ctx context.Context) (map[string]int64, er
 
 // GetSchemaOverviewOf returns the number of records in each pgstore table of
 // a schema; tables made by hand are left out, and a schema that does not
-// exist has none. Counts are exact, which reads every table in full (tables
-// are counted a few hundred per statement, so the counts of a large schema
-// are not all of one instant); with
-// estimate they come from the planner's statistics instead (pg_class.reltuples,
-// as of the last VACUUM or ANALYZE, -1 for a table never analysed), which
-// costs nothing on schemas of millions of records. Buffered writes are not
-// counted.
+// exist has none. Buffered writes are not counted.
+//
+// Counts are exact, which reads every table in full (a few hundred tables per
+// statement, so the counts of a large schema are not all of one instant).
+// With estimate they come from the planner's statistics instead
+// (pg_class.reltuples as of the last VACUUM or ANALYZE, -1 for a table never
+// analysed), which costs nothing on schemas of millions of records.
 func (c *Connector) GetSchemaOverviewOf(ctx context.Context, schema string, estimate bool) (map[string]int64, error) {
 	if c.closing.Load() {
 		return nil, ErrClosed
