@@ -118,9 +118,6 @@ func newConfig(opts []Option) (config, error) {
 			return config{}, fmt.Errorf("pgstore: %w", err)
 		}
 	}
-	if cfg.defaultTable == "" {
-		cfg.defaultTable = DefaultTable
-	}
 	return cfg, nil
 }
 
@@ -164,9 +161,10 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	return c, nil
 }
 
-// Close flushes every accepted write, waits for the background work to end and
-// closes the pool if the connector opened it. If ctx ends first, the writes
-// still buffered fail and Close returns ctx's error. Calls made after Close
+// Close flushes every accepted write, ends the subscriptions, waits for the
+// background work to end and closes the pool if the connector opened it. If
+// ctx ends first, the writes still buffered fail, and Close returns ctx's
+// error without waiting further for handlers still running. Calls made after Close
 // return ErrClosed; Close itself may be called again and returns the same.
 func (c *Connector) Close(ctx context.Context) error {
 	c.closeOnce.Do(func() {
@@ -187,7 +185,9 @@ func (c *Connector) Close(ctx context.Context) error {
 			<-c.flusherDone
 		}
 		c.cancelFlush()
-		c.closeFeed()
+		if err := c.closeFeed(ctx); err != nil && c.closeErr == nil {
+			c.closeErr = err
+		}
 		if c.ownsPool {
 			c.pool.Close()
 		}
@@ -348,8 +348,9 @@ func (c *Connector) Exec(ctx context.Context, sql string, args ...any) (pgconn.C
 	return c.pool.Exec(ctx, sql, args...)
 }
 
-// closeFeed ends every subscription and the LISTEN connection.
-func (c *Connector) closeFeed() {
+// closeFeed ends every subscription and the LISTEN connection. It waits for
+// handlers still running until ctx ends.
+func (c *Connector) closeFeed(ctx context.Context) error {
 	c.subsMu.Lock()
 	var subs []*Subscription
 	for _, set := range c.subs {
@@ -360,11 +361,17 @@ func (c *Connector) closeFeed() {
 	c.subs = nil // no more subscriptions
 	c.subsMu.Unlock()
 	for _, s := range subs {
-		s.close(false)
+		s.stop(false)
 	}
 	c.listenerOnce.Do(func() { close(c.listenerDone) }) // never started
 	if c.stopListener != nil {
 		c.stopListener()
 	}
 	<-c.listenerDone
+	for _, s := range subs {
+		if err := s.wait(ctx); err != nil {
+			return fmt.Errorf("pgstore: close: a subscription handler is still running: %w", err)
+		}
+	}
+	return nil
 }

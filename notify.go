@@ -264,7 +264,7 @@ type Subscription struct {
 	handler func(Event)
 	queue   chan *notice
 	wake    chan struct{}
-	stop    chan struct{}
+	stopped chan struct{}
 	done    chan struct{}
 	gid     atomic.Uint64 // the delivering goroutine
 
@@ -296,7 +296,7 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 		handler: handler,
 		queue:   make(chan *notice, subscriptionQueue),
 		wake:    make(chan struct{}, 1),
-		stop:    make(chan struct{}),
+		stopped: make(chan struct{}),
 		done:    make(chan struct{}),
 	}
 	for _, f := range filters {
@@ -330,6 +330,12 @@ func (s *Subscription) Close() {
 }
 
 func (s *Subscription) close(unlisten bool) {
+	s.stop(unlisten)
+	_ = s.wait(context.Background())
+}
+
+// stop ends deliveries: no handler call starts after it.
+func (s *Subscription) stop(unlisten bool) {
 	s.closeOnce.Do(func() {
 		s.c.subsMu.Lock()
 		delete(s.c.subs[s.cfg.schema], s)
@@ -337,10 +343,21 @@ func (s *Subscription) close(unlisten bool) {
 		if unlisten {
 			s.c.listener.Unlisten(s.cfg.schema)
 		}
-		close(s.stop)
+		close(s.stopped)
 	})
-	if s.gid.Load() != goid() {
-		<-s.done
+}
+
+// wait waits for a handler call in progress to return, unless it is the
+// caller itself.
+func (s *Subscription) wait(ctx context.Context) error {
+	if s.gid.Load() == goid() {
+		return nil
+	}
+	select {
+	case <-s.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -374,7 +391,7 @@ func (s *Subscription) deliver() {
 	s.gid.Store(goid())
 	for {
 		select {
-		case <-s.stop:
+		case <-s.stopped:
 			return
 		case n := <-s.queue:
 			for _, e := range n.events {
@@ -400,7 +417,7 @@ func (s *Subscription) deliver() {
 // panic in it.
 func (s *Subscription) call(e Event) (open bool) {
 	select {
-	case <-s.stop:
+	case <-s.stopped:
 		return false
 	default:
 	}

@@ -659,3 +659,27 @@ func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 		}
 	}
 }
+
+func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	stuck, release := make(chan struct{}), make(chan struct{})
+	_, err = c.Subscribe(ctx, func(e pgstore.Event) {
+		if e.Type == pgstore.Insert {
+			close(stuck)
+			<-release
+		}
+	})
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
+	<-stuck
+
+	closeCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	err = c.Close(closeCtx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "handler is still running")
+	close(release) // the handler returns; its goroutine ends (goleak checks)
+}
