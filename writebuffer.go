@@ -6,10 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -78,7 +78,8 @@ type batch struct {
 
 type tableWrites struct {
 	table  *table
-	writes map[string]write // by id
+	writes []write        // in the order their keys first came
+	index  map[string]int // id -> position in writes
 	// Set by the flush: the error of the whole table, or of single ids.
 	failed error
 	errs   map[string]error
@@ -94,6 +95,7 @@ type columns struct {
 }
 
 type write struct {
+	id      string
 	version int64
 	value   []byte // nil for a delete
 	res     *Result
@@ -161,18 +163,21 @@ func (c *Connector) enqueue(ctx context.Context, t *table, id string, version in
 	}
 	tw := cur.tables[t.name]
 	if tw == nil {
-		tw = &tableWrites{table: t, writes: make(map[string]write)}
+		tw = &tableWrites{table: t, index: make(map[string]int)}
 		cur.tables[t.name] = tw
 	}
 	res := &Result{batch: cur}
-	if old, ok := tw.writes[id]; ok {
-		res.superseded = old.res
-		cost -= len(old.value)
+	w := write{id: id, version: version, value: value, res: res}
+	if i, ok := tw.index[id]; ok {
+		res.superseded = tw.writes[i].res
+		cost -= len(tw.writes[i].value)
+		tw.writes[i] = w
 	} else {
+		tw.index[id] = len(tw.writes)
+		tw.writes = append(tw.writes, w)
 		cur.count++
 		cost += len(id) + keyOverhead
 	}
-	tw.writes[id] = write{version: version, value: value, res: res}
 	cur.bytes += cost
 	b.bytes += cost
 	ready := c.cfg.writeInterval == 0 || cur.count >= c.cfg.maxBatchSize || len(b.batches) > 1
@@ -185,11 +190,20 @@ func (c *Connector) enqueue(ctx context.Context, t *table, id string, version in
 
 // deletes reports whether the batch deletes a key.
 func (bt *batch) deletes(table, id string) bool {
-	if tw := bt.tables[table]; tw != nil {
-		w, ok := tw.writes[id]
-		return ok && w.value == nil
+	w, ok := bt.tables[table].lookup(id)
+	return ok && w.value == nil
+}
+
+// lookup returns the write to an id, if any.
+func (tw *tableWrites) lookup(id string) (write, bool) {
+	if tw == nil {
+		return write{}, false
 	}
-	return false
+	i, ok := tw.index[id]
+	if !ok {
+		return write{}, false
+	}
+	return tw.writes[i], true
 }
 
 func (b *writeBuffer) signal() {
@@ -202,10 +216,8 @@ func (b *writeBuffer) signal() {
 // lookupLocked finds the newest buffered write to a key.
 func (b *writeBuffer) lookupLocked(table, id string) (write, bool) {
 	for i := len(b.batches) - 1; i >= 0; i-- {
-		if tw := b.batches[i].tables[table]; tw != nil {
-			if w, ok := tw.writes[id]; ok {
-				return w, true
-			}
+		if w, ok := b.batches[i].tables[table].lookup(id); ok {
+			return w, true
 		}
 	}
 	return write{}, false
@@ -291,10 +303,10 @@ func (c *Connector) complete(bt *batch, took time.Duration) {
 	b.mu.Unlock()
 
 	for _, tw := range bt.tables {
-		for id, w := range tw.writes {
+		for _, w := range tw.writes {
 			err := tw.failed
-			if err == nil {
-				err = tw.errs[id]
+			if err == nil && tw.errs != nil {
+				err = tw.errs[w.id]
 			}
 			for r := w.res; r != nil; r = r.superseded {
 				r.err = err
@@ -447,12 +459,16 @@ func (tw *tableWrites) columns() *columns {
 	}
 	// In key order: the index is written in order, and two connectors
 	// writing overlapping keys lock rows in the same order, so they cannot
-	// deadlock.
-	ids := slices.Sorted(maps.Keys(tw.writes))
-	n := len(ids)
+	// deadlock. Keys often come in order already; the buffer's own order
+	// must stay as it is, for reads during the flush.
+	writes := tw.writes
+	if !slices.IsSortedFunc(writes, byID) {
+		writes = slices.SortedFunc(slices.Values(writes), byID)
+	}
+	n := len(writes)
 	cols := &columns{ids: make([]string, 0, n), versions: make([]int64, 0, n), values: make([]json.RawMessage, 0, n)}
-	for _, id := range ids {
-		w := tw.writes[id]
+	for _, w := range writes {
+		id := w.id
 		if w.value == nil {
 			cols.deletes = append(cols.deletes, id)
 			continue
@@ -477,10 +493,13 @@ func (tw *tableWrites) markConflicts(sent, written []string) {
 	}
 	for _, id := range sent {
 		if !ok[id] {
-			tw.fail(id, versionConflict(tw.table.name, id, tw.writes[id].version))
+			w, _ := tw.lookup(id)
+			tw.fail(id, versionConflict(tw.table.name, id, w.version))
 		}
 	}
 }
+
+func byID(a, b write) int { return strings.Compare(a.id, b.id) }
 
 func (tw *tableWrites) fail(id string, err error) {
 	if tw.errs == nil {
