@@ -16,17 +16,18 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
-// The examples need a PostgreSQL server: the one named by
-// PGSTORE_TEST_DATABASE_URL, or a local one. Each works in a schema of its
-// own, dropped at its end.
+// The examples need a PostgreSQL server, found as the tests find theirs (see
+// internal/pgtest). Each works in a schema of its own, dropped at its end.
 
 func exampleDatabaseURL() string {
-	if url := os.Getenv("PGSTORE_TEST_DATABASE_URL"); url != "" {
-		return url
+	url, err := pgtest.Find() // as the tests: a local server, or a container
+	if err != nil {
+		log.Fatal(err)
 	}
-	return "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+	return url
 }
 
 // exampleSchema drops what a previous run may have left in schema, and

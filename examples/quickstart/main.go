@@ -80,17 +80,14 @@ func run(ctx context.Context, url string) error {
 	for range 3 {
 		select {
 		case e := <-changes:
-			fmt.Printf("event  %-12s %s version %d\n", e.Type, e.Table+keyOf(e), e.Version)
+			if e.Key == "" {
+				fmt.Printf("event  %-12s %s\n", e.Type, e.Table)
+			} else {
+				fmt.Printf("event  %-12s %s version %d\n", e.Type, e.Key, e.Version)
+			}
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
 	return nil
-}
-
-func keyOf(e pgstore.Event) string {
-	if e.ID == "" {
-		return ""
-	}
-	return "/" + e.ID
 }

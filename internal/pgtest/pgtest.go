@@ -39,16 +39,25 @@ var (
 // CI=true, fails) the test when there is none.
 func URL(t testing.TB) string {
 	t.Helper()
+	u, err := Find()
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal(err)
+		}
+		t.Skip(err)
+	}
+	return u
+}
+
+// Find returns the connection string of the test server, looking for one on
+// the first call, or an error that says how to provide one.
+func Find() (string, error) {
 	once.Do(find)
 	if findErr != nil {
-		msg := fmt.Sprintf("no PostgreSQL for the tests: %v. Set %s to a server's URL, run PostgreSQL at %s, or run Docker.",
+		return "", fmt.Errorf("no PostgreSQL for the tests: %v. Set %s to a server's URL, run PostgreSQL at %s, or run Docker",
 			findErr, EnvURL, LocalURL)
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
 	}
-	return foundURL
+	return foundURL, nil
 }
 
 func find() {
