@@ -21,5 +21,6 @@ func TestMain(m *testing.M) {
 		fmt.Println("skipped: no PostgreSQL")
 		os.Exit(0)
 	}
-	goleak.VerifyTestMain(m)
+	// A test container's own goroutines (its reaper) started above.
+	goleak.VerifyTestMain(m, goleak.IgnoreCurrent())
 }
