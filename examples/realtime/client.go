@@ -93,7 +93,7 @@ func (c *client) writeLoop() {
 			cancel()
 			if err != nil {
 				c.cancel(fmt.Errorf("%w: write: %w", errDisconnected, err))
-				c.conn.CloseNow()
+				c.close()
 				return
 			}
 		case <-ping.C:
@@ -102,20 +102,27 @@ func (c *client) writeLoop() {
 			cancel()
 			if err != nil {
 				c.cancel(fmt.Errorf("%w: ping: %w", errDisconnected, err))
-				c.conn.CloseNow()
+				c.close()
 				return
 			}
 		case <-c.ctx.Done():
-			switch cause := context.Cause(c.ctx); {
-			case errors.Is(cause, errTooSlow):
-				c.conn.Close(websocket.StatusPolicyViolation, "too slow: send queue full")
-			case errors.Is(cause, errDisconnected):
-				c.conn.CloseNow()
-			default: // the server is closing
-				c.conn.Close(websocket.StatusGoingAway, "server closing")
-			}
+			c.close()
 			return
 		}
+	}
+}
+
+// close closes the connection as the cause of its end asks. A write cut
+// short because the connection was ending for another cause (the server
+// closing) closes it for that cause, with its status.
+func (c *client) close() {
+	switch cause := context.Cause(c.ctx); {
+	case errors.Is(cause, errTooSlow):
+		c.conn.Close(websocket.StatusPolicyViolation, "too slow: send queue full")
+	case errors.Is(cause, errDisconnected):
+		c.conn.CloseNow()
+	default: // the server is closing
+		c.conn.Close(websocket.StatusGoingAway, "server closing")
 	}
 }
 
