@@ -89,24 +89,32 @@ func (l *Listener) Run(ctx context.Context) {
 			cancel()
 		}
 	}()
+	// The backoff grows with every failure, connecting or after, and starts
+	// over only once a connection has served: a server that accepts
+	// connections and then drops them (a standby refusing LISTEN, a
+	// pooler) must not make the loop spin.
 	backoff := l.minBackoff()
+	retry := func(err error) {
+		if conn != nil {
+			conn = l.lost(ctx, conn, err)
+		} else if ctx.Err() == nil {
+			l.logger().Warn("pgstore: listener cannot connect; retrying", "retry_in", backoff, "err", err)
+		}
+		sleep(ctx, backoff)
+		backoff = l.nextBackoff(backoff)
+	}
 	fresh, everListened := false, false
 	for ctx.Err() == nil {
 		if conn == nil {
 			var err error
 			if conn, err = l.Connect(ctx); err != nil {
-				if ctx.Err() == nil {
-					l.logger().Warn("pgstore: listener cannot connect; retrying", "retry_in", backoff, "err", err)
-				}
-				sleep(ctx, backoff)
-				backoff = l.nextBackoff(backoff)
+				retry(err)
 				continue
 			}
 			fresh = true
-			backoff = l.minBackoff()
 		}
 		if err := l.apply(ctx, conn); err != nil {
-			conn = l.lost(ctx, conn, err)
+			retry(err)
 			continue
 		}
 		if fresh {
@@ -119,8 +127,10 @@ func (l *Listener) Run(ctx context.Context) {
 			everListened = true
 		}
 		if err := l.wait(ctx, conn); err != nil {
-			conn = l.lost(ctx, conn, err)
+			retry(err)
+			continue
 		}
+		backoff = l.minBackoff() // the connection served
 	}
 }
 
