@@ -141,11 +141,21 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	}
 	c.listener = &listener.Listener{
 		Connect: func(ctx context.Context) (*pgx.Conn, error) {
-			conn, err := c.pool.Acquire(ctx)
+			pooled, err := c.pool.Acquire(ctx)
 			if err != nil {
 				return nil, err
 			}
-			return conn.Hijack(), nil
+			conn := pooled.Hijack()
+			// A listening connection is idle between notifications: a
+			// server's idle_session_timeout must not end it (and force a
+			// Resync) while the server is well. Servers before 14 lack
+			// the setting.
+			_, err = conn.Exec(ctx, "SET idle_session_timeout = 0")
+			if err != nil && !isUndefinedObject(err) {
+				conn.Close(ctx)
+				return nil, err
+			}
+			return conn, nil
 		},
 		Notify:      c.dispatch,
 		Reconnected: c.resyncAll,

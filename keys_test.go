@@ -324,3 +324,21 @@ func TestIDsWithQuotesShareABatchWithOtherIDs(t *testing.T) {
 	}
 	require.EqualValues(t, len(ids), rowCount(t, c, schema, "q"))
 }
+
+// A table's primary-key index is a relation of the schema too: it must not
+// take a name that a later table needs.
+func TestATableMayBeNamedLikeAnotherTablesIndex(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t)
+	require.NoError(t, c.Set(ctx, "users/1", 1, 1))
+	require.NoError(t, c.Set(ctx, "users_pkey/1", 1, 1))
+	requireRecord(t, c, "users_pkey/1", 1, "1")
+}
+
+func TestADefaultTableHoldingASlashIsRefused(t *testing.T) {
+	t.Parallel()
+	_, err := pgstore.Connect(testCtx(t), pgtest.URL(t), pgstore.WithDefaultTable("a/b"))
+	require.ErrorContains(t, err, "WithDefaultTable")
+	require.ErrorContains(t, err, "holds a /")
+}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"time"
 )
 
@@ -108,6 +109,9 @@ func WithDefaultTable(name string) Option {
 	return func(c *config) error {
 		if err := checkIdentifier("table", name); err != nil {
 			return fmt.Errorf("WithDefaultTable: %w", err)
+		}
+		if strings.Contains(name, "/") {
+			return fmt.Errorf("WithDefaultTable: table name %q holds a /, which would make its keys name another table", name)
 		}
 		c.defaultTable = name
 		return nil

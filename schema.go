@@ -2,6 +2,8 @@ package pgstore
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -134,8 +136,13 @@ const ddlLockSQL = "SELECT pg_advisory_xact_lock(hashtextextended('pgstore ' || 
 // change-feed triggers.
 func createTableSQL(schema, name string, events eventSet) []string {
 	ident := pgx.Identifier{schema, name}.Sanitize()
+	// The primary key's index is a relation of the schema: named with a "/",
+	// which no table name holds, it can never take the name of a table.
+	sum := sha256.Sum256([]byte(name))
+	pkey := pgx.Identifier{"pkey/" + hex.EncodeToString(sum[:8])}.Sanitize()
 	stmts := []string{
-		"CREATE TABLE " + ident + " (id text PRIMARY KEY, version bigint NOT NULL, val jsonb NOT NULL)",
+		"CREATE TABLE " + ident + " (id text COLLATE \"C\" NOT NULL, version bigint NOT NULL, val jsonb NOT NULL, " +
+			"CONSTRAINT " + pkey + " PRIMARY KEY (id))",
 		"COMMENT ON TABLE " + ident + " IS '" + tableMarker + "'",
 	}
 	return append(stmts, triggerSQL(schema, name, events)...)

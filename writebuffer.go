@@ -16,6 +16,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/puddle/v2"
 )
 
 // The write buffer holds accepted writes until a flush makes them durable.
@@ -281,8 +282,8 @@ func (c *Connector) flushLoop(ctx context.Context) {
 }
 
 // complete removes a flushed batch from the buffer, then reports each
-// write's outcome: a reader never sees a failed write, and one that has
-// seen a write succeed finds it in the table.
+// write's outcome: once a write has failed, readers no longer see it, and
+// once it has succeeded, they find it in the table.
 func (c *Connector) complete(bt *batch, took time.Duration) {
 	b := &c.buf
 	b.mu.Lock()
@@ -336,7 +337,7 @@ func (c *Connector) flush(ctx context.Context, bt *batch) {
 		sleep := backoff/2 + rand.N(backoff/2+1)
 		if !retryable(err) || ctx.Err() != nil || time.Now().Add(sleep).After(deadline) {
 			var pgErr *pgconn.PgError
-			if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+			if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) && !errors.Is(err, puddle.ErrClosedPool) {
 				// The batch was sent and no answer came back.
 				err = fmt.Errorf("%w (the server may have committed it before the connection failed)", err)
 			}
@@ -385,6 +386,9 @@ func (c *Connector) writeBatch(ctx context.Context, bt *batch) error {
 	if len(tables) == 0 {
 		return nil
 	}
+	// Tables in name order and ids in byte order (see columns): every
+	// connector locks rows in the same order, so two cannot deadlock.
+	slices.SortFunc(tables, func(a, b *tableWrites) int { return strings.Compare(a.table.name, b.table.name) })
 
 	// One round trip: the batch's statements run in one implicit
 	// transaction, committed when the batch is closed without error.
@@ -457,10 +461,11 @@ func (tw *tableWrites) columns() *columns {
 	if tw.cols != nil {
 		return tw.cols
 	}
-	// In key order: the index is written in order, and two connectors
-	// writing overlapping keys lock rows in the same order, so they cannot
-	// deadlock. Keys often come in order already; the buffer's own order
-	// must stay as it is, for reads during the flush.
+	// In byte order, which is the id column's collation ("C"): the index is
+	// written in order, and two connectors writing overlapping keys lock
+	// rows in the same order, so they cannot deadlock. Keys often come in
+	// order already; the buffer's own order must stay as it is, for reads
+	// during the flush.
 	writes := tw.writes
 	if !slices.IsSortedFunc(writes, byID) {
 		writes = slices.SortedFunc(slices.Values(writes), byID)
@@ -621,6 +626,9 @@ func retryable(err error) bool {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return false
 	}
+	if errors.Is(err, puddle.ErrClosedPool) {
+		return false // the caller closed its pool: no retry will help
+	}
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) {
 		// No answer from the server: a network or connection failure.
@@ -629,11 +637,18 @@ func retryable(err error) bool {
 	switch pgErr.Code {
 	case "40001", "40P01", // serialization failure, deadlock
 		"57P01", "57P02", "57P03", // admin or crash shutdown, cannot connect now
+		"25006",          // read-only transaction: a standby, as right after a failover
+		"57014", "55P03", // statement or lock timeout
 		"42P01": // table dropped meanwhile, created again on the retry
 		return true
 	}
 	class := pgErr.Code[:2]
 	return class == "08" || class == "53" // connection exception, insufficient resources
+}
+
+func isUndefinedObject(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42704"
 }
 
 func isUndefinedTable(err error) bool {
