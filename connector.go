@@ -199,7 +199,21 @@ func (c *Connector) Close(ctx context.Context) error {
 			c.closeErr = err
 		}
 		if c.ownsPool {
-			c.pool.Close()
+			// pgxpool waits for every connection to come back: one held by
+			// Rows never closed, or a query still running, must not hold
+			// Close past ctx.
+			closed := make(chan struct{})
+			go func() {
+				defer close(closed)
+				c.pool.Close()
+			}()
+			select {
+			case <-closed:
+			case <-ctx.Done():
+				if c.closeErr == nil {
+					c.closeErr = fmt.Errorf("pgstore: close: connections still in use (Rows not closed, or a query running); the pool closes when they are returned: %w", ctx.Err())
+				}
+			}
 		}
 	})
 	return c.closeErr
@@ -210,7 +224,17 @@ func (c *Connector) Close(ctx context.Context) error {
 // holds JSON. If ctx ends first, Set returns ctx's error and the write, once
 // accepted, still goes ahead.
 func (c *Connector) Set(ctx context.Context, key string, version int64, value any) error {
-	return c.set(ctx, key, version, value).Wait(ctx)
+	return waitDurable(ctx, key, c.set(ctx, key, version, value))
+}
+
+// waitDurable waits for an accepted write, and tells a caller whose ctx ends
+// first that the write goes on, unlike one that was never accepted.
+func waitDurable(ctx context.Context, key string, r *Result) error {
+	err := r.Wait(ctx)
+	if err != nil && r.batch != settled && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		return fmt.Errorf("pgstore: %s accepted but not yet durable (it will still be written): %w", quoteInput(key), err)
+	}
+	return err
 }
 
 // SetAsync accepts a write without waiting for it to be durable, and returns
@@ -243,7 +267,7 @@ func (c *Connector) set(ctx context.Context, key string, version int64, value an
 // a key that holds no record succeeds. If ctx ends first, Delete returns
 // ctx's error and the removal still goes ahead.
 func (c *Connector) Delete(ctx context.Context, key string) error {
-	return c.delete(ctx, key).Wait(ctx)
+	return waitDurable(ctx, key, c.delete(ctx, key))
 }
 
 // DeleteAsync accepts a removal without waiting for it to be durable, in call

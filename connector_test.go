@@ -805,3 +805,19 @@ func TestAHangingConnectionFailsTheWriteAfterTheRetryTimeout(t *testing.T) {
 	proxy.Restore()
 	require.NoError(t, c.Set(ctx, "t/after", 1, 1))
 }
+
+func TestCloseDoesNotWaitPastItsContextForConnectionsInUse(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	rows, err := c.Query(ctx, "SELECT 1") // never closed before Close
+	require.NoError(t, err)
+
+	closeCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	err = c.Close(closeCtx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "connections still in use")
+	rows.Close() // the pool then closes (goleak checks its goroutine ends)
+}

@@ -244,9 +244,12 @@ func ForSchema(name string) Filter {
 	}
 }
 
-// subscriptionQueue bounds the notifications (each up to 8000 bytes of
-// changes of one table) waiting for one subscription's handler.
-const subscriptionQueue = 1024
+// A subscription's queue holds at most subscriptionQueue notifications (each
+// up to 8000 bytes of changes of one table) and subscriptionEvents events.
+const (
+	subscriptionQueue  = 1024
+	subscriptionEvents = 65536
+)
 
 // A notice is the events of one notification, shared by every subscription
 // that receives it.
@@ -268,8 +271,9 @@ type Subscription struct {
 	done    chan struct{}
 	gid     atomic.Uint64 // the delivering goroutine
 
-	mu   sync.Mutex
-	lost bool // the queue overflowed: drop notices until Resync is delivered
+	mu     sync.Mutex
+	lost   bool // the queue overflowed: drop notices until Resync is delivered
+	queued int  // events in the queue
 
 	closeOnce sync.Once
 }
@@ -375,14 +379,18 @@ func (s *Subscription) push(n *notice) {
 	if s.lost {
 		return // the coming Resync covers it
 	}
-	select {
-	case s.queue <- n:
-	default:
-		s.lost = true
+	if s.queued+len(n.events) <= subscriptionEvents {
 		select {
-		case s.wake <- struct{}{}:
+		case s.queue <- n:
+			s.queued += len(n.events)
+			return
 		default:
 		}
+	}
+	s.lost = true
+	select {
+	case s.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -399,6 +407,9 @@ func (s *Subscription) deliver() {
 					return
 				}
 			}
+			s.mu.Lock()
+			s.queued -= len(n.events)
+			s.mu.Unlock()
 		case <-s.wake:
 		}
 		s.mu.Lock()

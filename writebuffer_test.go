@@ -580,3 +580,15 @@ func TestFlushesInOrderSoAStaleValueNeverWins(t *testing.T) {
 	fresh := connectSchema(t, schema) // reads the table, not a buffer
 	requireRecord(t, fresh, "hot/k", 300, "300")
 }
+
+func TestASetWhoseContextEndsAfterAcceptanceSaysTheWriteGoesOn(t *testing.T) {
+	t.Parallel()
+	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour))
+	short, cancel := context.WithTimeout(testCtx(t), 50*time.Millisecond)
+	defer cancel()
+	err := c.Set(short, "t/k", 1, "v")
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "accepted but not yet durable")
+	closeNow(t, c)
+	requireRecord(t, connectSchema(t, schema), "t/k", 1, `"v"`)
+}
