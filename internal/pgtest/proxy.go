@@ -47,16 +47,16 @@ func (p *Proxy) accept() {
 		if err != nil {
 			return // closed
 		}
+		server, err := net.Dial("tcp", p.target) // not under the lock: Cut must not wait for it
+		if err != nil {
+			client.Close()
+			continue
+		}
 		p.mu.Lock()
 		if p.down {
 			p.mu.Unlock()
 			client.Close()
-			continue
-		}
-		server, err := net.Dial("tcp", p.target)
-		if err != nil {
-			p.mu.Unlock()
-			client.Close()
+			server.Close()
 			continue
 		}
 		p.conns[client] = struct{}{}
