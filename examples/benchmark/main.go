@@ -263,6 +263,17 @@ func (e *env) connect(ctx context.Context, schema string, opts ...pgstore.Option
 	return s, nil
 }
 
+// connectLabelled opens a store inside labelled, so that its background
+// goroutines carry the figure's profile labels.
+func (e *env) connectLabelled(ctx context.Context, figure, schema string, opts ...pgstore.Option) (*store, error) {
+	var c *store
+	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
+		c, err = e.connect(ctx, schema, opts...)
+		return err
+	})
+	return c, err
+}
+
 // close flushes and closes the connector and its pool, also after the
 // run's context ended.
 func (s *store) close() {

@@ -61,11 +61,7 @@ func (h *heapSampler) Stop() uint64 {
 func memoryFigure(ctx context.Context, e *env) error {
 	const figure, table = "memory", "mem"
 	n := e.s.memRecords
-	var c *store
-	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
-		c, err = e.connect(ctx, e.schema)
-		return err
-	})
+	c, err := e.connectLabelled(ctx, figure, e.schema)
 	if err != nil {
 		return err
 	}

@@ -17,11 +17,7 @@ import (
 // against the same SELECT on a pgxpool of the same size.
 func getFigures(ctx context.Context, e *env) error {
 	const figure, table = "get", "get"
-	var c *store
-	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
-		c, err = e.connect(ctx, e.schema)
-		return err
-	})
+	c, err := e.connectLabelled(ctx, figure, e.schema)
 	if err != nil {
 		return err
 	}

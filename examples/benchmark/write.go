@@ -237,11 +237,7 @@ func (e *env) writeFigure(ctx context.Context, d *dataset, feed string) error {
 	if feed == "nofeed" {
 		schema, opts = e.noFeed, []pgstore.Option{pgstore.WithEvents()}
 	}
-	var c *store
-	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
-		c, err = e.connect(ctx, schema, opts...)
-		return err
-	})
+	c, err := e.connectLabelled(ctx, figure, schema, opts...)
 	if err != nil {
 		return err
 	}
@@ -334,11 +330,7 @@ func runAlternating(round int, sides []func() error) error {
 func concurrentFigure(ctx context.Context, e *env) error {
 	const figure = "write_concurrent"
 	d := newDataset(e.s.concurrent, e.s.valueBytes)
-	var c *store
-	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
-		c, err = e.connect(ctx, e.schema)
-		return err
-	})
+	c, err := e.connectLabelled(ctx, figure, e.schema)
 	if err != nil {
 		return err
 	}
