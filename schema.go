@@ -225,17 +225,20 @@ type beginner interface {
 var ErrSchemaNotFound = errors.New("pgstore: schema not found")
 
 // listTablesSQL lists pgstore's tables in a schema ($1) with the names of
-// their pgstore triggers; tables made by hand are left out.
-const listTablesSQL = `SELECT c.relname, coalesce(array_agg(t.tgname ORDER BY t.tgname) FILTER (WHERE t.tgname IS NOT NULL), '{}')
+// their pgstore triggers and the planner's estimate of their rows; tables
+// made by hand are left out.
+const listTablesSQL = `SELECT c.relname, coalesce(array_agg(t.tgname ORDER BY t.tgname) FILTER (WHERE t.tgname IS NOT NULL), '{}'),
+		c.reltuples::bigint
 	FROM pg_class c
 	JOIN pg_namespace n ON n.oid = c.relnamespace
 	LEFT JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname LIKE 'pgstore\_%'
 	WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = '` + tableMarker + `'
-	GROUP BY c.relname ORDER BY c.relname`
+	GROUP BY c.relname, c.reltuples ORDER BY c.relname`
 
 type tableTriggers struct {
 	name     string
 	triggers []string
+	estimate int64 // pg_class.reltuples: -1 for a table never analysed
 }
 
 func listTables(ctx context.Context, q interface {
@@ -247,7 +250,7 @@ func listTables(ctx context.Context, q interface {
 	}
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (tableTriggers, error) {
 		var t tableTriggers
-		err := row.Scan(&t.name, &t.triggers)
+		err := row.Scan(&t.name, &t.triggers, &t.estimate)
 		return t, err
 	})
 }
@@ -298,13 +301,22 @@ func syncTriggers(ctx context.Context, db interface {
 	return nil
 }
 
-// CreateSchema creates a schema, ready for connectors, if it does not exist.
-func (c *Connector) CreateSchema(ctx context.Context, name string) error {
+// checkName is the start of every call that takes a schema or table name:
+// ErrClosed after Close, or why the name cannot be used.
+func (c *Connector) checkName(call, kind, name string) error {
 	if c.closing.Load() {
 		return ErrClosed
 	}
-	if err := checkIdentifier("schema", name); err != nil {
-		return fmt.Errorf("pgstore: CreateSchema: %w", err)
+	if err := checkIdentifier(kind, name); err != nil {
+		return fmt.Errorf("pgstore: %s: %w", call, err)
+	}
+	return nil
+}
+
+// CreateSchema creates a schema, ready for connectors, if it does not exist.
+func (c *Connector) CreateSchema(ctx context.Context, name string) error {
+	if err := c.checkName("CreateSchema", "schema", name); err != nil {
+		return err
 	}
 	if err := prepareSchema(ctx, c.pool, name); err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
@@ -322,11 +334,8 @@ func systemSchema(name string) bool {
 // schemas and returns ErrSchemaNotFound for one that does not exist. Writes
 // still buffered for the connector's own schema create it again when flushed.
 func (c *Connector) DestroySchema(ctx context.Context, name string) error {
-	if c.closing.Load() {
-		return ErrClosed
-	}
-	if err := checkIdentifier("schema", name); err != nil {
-		return fmt.Errorf("pgstore: DestroySchema: %w", err)
+	if err := c.checkName("DestroySchema", "schema", name); err != nil {
+		return err
 	}
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: DestroySchema: refusing to drop the system schema %q", name)
@@ -373,11 +382,8 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 // such pgstore table. Writes to it still buffered create it again when
 // flushed.
 func (c *Connector) DropTable(ctx context.Context, name string) error {
-	if c.closing.Load() {
-		return ErrClosed
-	}
-	if err := checkIdentifier("table", name); err != nil {
-		return fmt.Errorf("pgstore: DropTable: %w", err)
+	if err := c.checkName("DropTable", "table", name); err != nil {
+		return err
 	}
 	schema := c.cfg.schema
 	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
@@ -440,28 +446,17 @@ func (c *Connector) GetSchemaOverview(ctx context.Context) (map[string]int64, er
 // (pg_class.reltuples as of the last VACUUM or ANALYZE, -1 for a table never
 // analysed), which costs nothing on schemas of millions of records.
 func (c *Connector) GetSchemaOverviewOf(ctx context.Context, schema string, estimate bool) (map[string]int64, error) {
-	if c.closing.Load() {
-		return nil, ErrClosed
-	}
-	if err := checkIdentifier("schema", schema); err != nil {
-		return nil, fmt.Errorf("pgstore: GetSchemaOverview: %w", err)
+	if err := c.checkName("GetSchemaOverview", "schema", schema); err != nil {
+		return nil, err
 	}
 	overview := make(map[string]int64)
 	if estimate {
-		rows, err := c.pool.Query(ctx, `SELECT c.relname, c.reltuples::bigint FROM pg_class c
-			JOIN pg_namespace n ON n.oid = c.relnamespace
-			WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = '`+tableMarker+`'`, schema)
+		tables, err := listTables(ctx, c.pool, schema)
 		if err != nil {
 			return nil, fmt.Errorf("pgstore: schema overview of %q: %w", schema, err)
 		}
-		var name string
-		var count int64
-		_, err = pgx.ForEachRow(rows, []any{&name, &count}, func() error {
-			overview[name] = count
-			return nil
-		})
-		if err != nil {
-			return nil, fmt.Errorf("pgstore: schema overview of %q: %w", schema, err)
+		for _, t := range tables {
+			overview[t.name] = t.estimate
 		}
 		return overview, nil
 	}
