@@ -3,6 +3,7 @@ package pgstore_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -682,4 +683,53 @@ func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.ErrorContains(t, err, "handler is still running")
 	close(release) // the handler returns; its goroutine ends (goleak checks)
+}
+
+// Statement-level triggers: a flush of 5,000 rows sends a few notifications
+// (one per chunk of under 8000 bytes), not one per row.
+func TestFeedAFlushOfManyRowsSendsFewNotifications(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	const n = 5000
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(n))
+	listener, err := pgx.Connect(ctx, pgtest.URL(t))
+	require.NoError(t, err)
+	t.Cleanup(func() { listener.Close(ctx) })
+	_, err = listener.Exec(ctx, "LISTEN "+pgx.Identifier{schema}.Sanitize())
+	require.NoError(t, err)
+
+	results := make([]*pgstore.Result, n)
+	for i := range n {
+		results[i] = c.SetAsync(fmt.Sprintf("many/%d", i), 1, i) // the n-th fills the batch: it flushes
+	}
+	for _, r := range results {
+		require.NoError(t, r.Wait(ctx))
+	}
+	_, err = listener.Exec(ctx, "SELECT pg_notify($1, 'end')", schema) // after the flush's, in commit order
+	require.NoError(t, err)
+
+	rows, notifications := 0, 0
+	for {
+		waitCtx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		note, err := listener.WaitForNotification(waitCtx)
+		cancel()
+		require.NoError(t, err)
+		if note.Payload == "end" {
+			break
+		}
+		var p struct {
+			Op   string            `json:"op"`
+			Rows []json.RawMessage `json:"rows"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(note.Payload), &p))
+		require.Less(t, len(note.Payload), 8000)
+		if p.Op == "insert" {
+			notifications++
+			rows += len(p.Rows)
+		}
+	}
+	require.Equal(t, n, rows)
+	require.Less(t, notifications, n/50, "rows are grouped, not sent one by one")
+	t.Logf("%d rows in %d notifications", rows, notifications)
 }
