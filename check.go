@@ -102,6 +102,9 @@ const (
 //
 //   - "server version": PostgreSQL 11 or later.
 //   - "writable": a primary that accepts writes.
+//   - "temporary tables": the role may create them (TEMPORARY on the
+//     database, which every role has unless revoked), as copying large
+//     batches does; without it writes work, but large batches are slower.
 //   - "schema": the schema exists, or the role may create it (CREATE on the
 //     database).
 //   - "schema privileges": USAGE and CREATE on the schema.
@@ -172,10 +175,11 @@ func quoteIdent(name string) string { return pgx.Identifier{name}.Sanitize() }
 
 func (c *Connector) checkServer(ctx context.Context, r *Report) error {
 	var versionNum int
-	var inRecovery, readOnly bool
+	var inRecovery, readOnly, temporary bool
 	err := c.pool.QueryRow(ctx, `SELECT current_setting('server_version'), current_setting('server_version_num')::int,
-		current_user, current_database(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'`).
-		Scan(&r.ServerVersion, &versionNum, &r.User, &r.Database, &inRecovery, &readOnly)
+		current_user, current_database(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on',
+		has_database_privilege(current_database(), 'TEMPORARY')`).
+		Scan(&r.ServerVersion, &versionNum, &r.User, &r.Database, &inRecovery, &readOnly, &temporary)
 	if err != nil {
 		return err
 	}
@@ -191,6 +195,16 @@ func (c *Connector) checkServer(ctx context.Context, r *Report) error {
 			fmt.Sprintf("ALTER ROLE %s SET default_transaction_read_only = off;", quoteIdent(r.User)))
 	default:
 		r.add("writable", true, "a primary accepting writes", "")
+	}
+	role, database := quoteIdent(r.User), quoteIdent(r.Database)
+	if temporary {
+		r.add("temporary tables", true,
+			fmt.Sprintf("role %s may create temporary tables in database %s, through which large batches are copied", role, database), "")
+	} else {
+		r.add("temporary tables", false,
+			fmt.Sprintf("role %s may not create temporary tables in database %s: writes work, "+
+				"but large batches go as array upserts instead of being copied, which is slower", role, database),
+			fmt.Sprintf("GRANT TEMPORARY ON DATABASE %s TO %s;", database, role))
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -24,7 +25,7 @@ import (
 
 // checkNames are the checks of every report, in order.
 var checkNames = []string{
-	"server version", "writable", "schema", "schema privileges", "trigger function",
+	"server version", "writable", "temporary tables", "schema", "schema privileges", "trigger function",
 	"table ownership", "LISTEN/NOTIFY", "notification queue",
 }
 
@@ -124,7 +125,7 @@ func TestCheckSuperuser(t *testing.T) {
 	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
 	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
 	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
-	require.Contains(t, report.String(), "all 8 checks passed")
+	require.Contains(t, report.String(), "all 9 checks passed")
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
 	// pool, making room for the NOTIFY.
@@ -290,6 +291,48 @@ func TestCheckMissingSchema(t *testing.T) {
 	require.True(t, report.OK(), report.String())
 }
 
+// TestCheckWithoutTemporaryTables runs pgstore as a role that may not create
+// temporary tables, in a database of the test's own since the privilege is a
+// database's: large batches still land, as array upserts, after one
+// warning, and Check names the grant that lets them be copied.
+func TestCheckWithoutTemporaryTables(t *testing.T) {
+	t.Parallel()
+	ctx := chkCtx(t)
+	role, roleURL := chkRole(t, "")
+	db := "pgstore_test_db_" + chkRandom(t)
+	d, r := pgx.Identifier{db}.Sanitize(), pgx.Identifier{role}.Sanitize()
+	chkAdmin(t, "CREATE DATABASE "+d+" TEMPLATE template0")
+	t.Cleanup(func() { chkAdmin(t, "DROP DATABASE "+d+" WITH (FORCE)") })
+	chkAdmin(t, "REVOKE TEMPORARY ON DATABASE "+d+" FROM PUBLIC", "GRANT CONNECT, CREATE ON DATABASE "+d+" TO "+r)
+	dbURL := chkWithDatabase(t, roleURL, db)
+
+	var logs syncBuffer
+	c, err := pgstore.Connect(ctx, dbURL, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
+		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
+	require.NoError(t, err)
+	results := make([]*pgstore.Result, 2*pgstore.StageMinRows) // two full batches
+	for i := range results {
+		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, i)
+	}
+	require.NoError(t, c.Close(ctx))
+	waitAll(t, results)
+	require.Equal(t, 1, strings.Count(logs.String(), "may not create temporary tables"), logs.String())
+
+	c = chkConnect(t, dbURL, pgstore.DefaultSchema)
+	require.EqualValues(t, len(results), rowCount(t, c, pgstore.DefaultSchema, "big"))
+	report, err := c.Check(ctx)
+	require.NoError(t, err)
+	failed := chkFailed(report)
+	require.Equal(t, []string{"temporary tables"}, chkNames(pgstore.Report{Checks: failed}), report.String())
+	require.Contains(t, failed[0].Detail, "writes work, but large batches go as array upserts")
+	require.Equal(t, "GRANT TEMPORARY ON DATABASE "+d+" TO "+r+";", failed[0].Fix)
+
+	chkApplyFixes(t, report)
+	report, err = c.Check(ctx)
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+}
+
 // chkSetGetDelete writes, reads and deletes a record.
 func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
 	t.Helper()
@@ -381,6 +424,18 @@ func chkWithUser(t testing.TB, connString, user, password string) string {
 		return u.String()
 	}
 	return fmt.Sprintf("%s user='%s' password='%s'", connString, user, password)
+}
+
+// chkWithDatabase returns the connection string with another database.
+func chkWithDatabase(t testing.TB, connString, database string) string {
+	t.Helper()
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		require.NoError(t, err)
+		u.Path = "/" + database
+		return u.String()
+	}
+	return chkWithParam(t, connString, "dbname", database)
 }
 
 // chkWithParam returns the connection string with one more setting.

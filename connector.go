@@ -56,6 +56,7 @@ type Connector struct {
 	policyMu sync.Mutex        // serialises first writes to new tables
 
 	buf         writeBuffer
+	noStaging   atomic.Bool // the role may not create the staging table
 	cancelFlush context.CancelFunc
 	flusherDone chan struct{}
 

@@ -106,23 +106,25 @@ type table struct {
 	name      string
 	created   atomic.Bool // known to exist; only then may a batch write to it
 	getSQL    string
-	upsertSQL string
+	upsertSQL string // of array parameters
+	stagedSQL string // of the rows in the staging table (see writeStaged)
 	deleteSQL string
 }
 
 func newTable(schema, name string, versionGuard bool) *table {
 	ident := pgx.Identifier{schema, name}.Sanitize()
-	upsert := "INSERT INTO " + ident + " AS t (id, version, val)" +
-		" SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])" +
-		" ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
+	insert := "INSERT INTO " + ident + " AS t (id, version, val) "
+	onConflict := " ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
 	if versionGuard {
 		// Rows the guard refuses are missing from RETURNING.
-		upsert += " WHERE t.version <= excluded.version RETURNING id"
+		onConflict += " WHERE t.version <= excluded.version RETURNING id"
 	}
 	return &table{
 		name:      name,
 		getSQL:    "SELECT version, val FROM " + ident + " WHERE id = $1",
-		upsertSQL: upsert,
+		upsertSQL: insert + "SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])" + onConflict,
+		// In id order, the order every connector locks rows in.
+		stagedSQL: insert + "SELECT id, version, val FROM " + stagingTable.Sanitize() + " ORDER BY id" + onConflict,
 		deleteSQL: "DELETE FROM " + ident + " WHERE id = ANY($1::text[])",
 	}
 }

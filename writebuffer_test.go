@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
@@ -591,4 +594,148 @@ func TestASetWhoseContextEndsAfterAcceptanceSaysTheWriteGoesOn(t *testing.T) {
 	require.ErrorContains(t, err, "accepted but not yet durable")
 	closeNow(t, c)
 	requireRecord(t, connectSchema(t, schema), "t/k", 1, `"v"`)
+}
+
+// ---- Large batches ----
+
+// copyCounter is a pgx tracer that counts the COPYs into each table.
+type copyCounter struct {
+	mu     sync.Mutex
+	copies map[string]int
+}
+
+func (cc *copyCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (cc *copyCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (cc *copyCounter) TraceCopyFromStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceCopyFromStartData) context.Context {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	cc.copies[d.TableName.Sanitize()]++
+	return ctx
+}
+func (cc *copyCounter) TraceCopyFromEnd(context.Context, *pgx.Conn, pgx.TraceCopyFromEndData) {}
+
+func (cc *copyCounter) staged() int {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return cc.copies[`"pg_temp"."pgstore_staging"`]
+}
+
+// connectCounted returns a connector whose pool of one connection counts
+// the COPYs it runs, so that every batch runs on the same server session.
+func connectCounted(t *testing.T, schema string, opts ...pgstore.Option) (*pgstore.Connector, *copyCounter) {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	require.NoError(t, err)
+	counter := &copyCounter{copies: make(map[string]int)}
+	cfg.ConnConfig.Tracer = counter
+	cfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(testCtx(t), cfg)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	opts = append([]pgstore.Option{pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t))}, opts...)
+	c, err := pgstore.New(testCtx(t), pool, opts...)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, c.Close(context.Background())) })
+	return c, counter
+}
+
+func TestLargeBatchesAreCopiedAndLandWithTheirNeighbours(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	for i := range 10 {
+		require.NoError(t, setup.Set(ctx, fmt.Sprintf("big/old%d", i), 1, "to be deleted"))
+		require.NoError(t, setup.Set(ctx, fmt.Sprintf("big/k%05d", i), 1, "to be updated"))
+	}
+
+	// Ids differ between tables, so that a row left in the staging table
+	// would show in the next table. One batch of exactly this many writes, flushed as soon as it is full.
+	n := pgstore.StageMinRows + 10
+	size := 2*n + 12
+	c, counter := connectCounted(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(size))
+	var results []*pgstore.Result
+	for i := range n {
+		results = append(results,
+			c.SetAsync(fmt.Sprintf("big/k%05d", i), 2, map[string]int{"big": i}),
+			c.SetAsync(fmt.Sprintf("second/s%05d", i), 3, map[string]int{"second": i}))
+	}
+	for i := range 10 {
+		results = append(results, c.DeleteAsync(fmt.Sprintf("big/old%d", i)))
+	}
+	results = append(results, c.SetAsync("small/a", 1, "few"), c.SetAsync("small/b", 1, "rows"))
+	require.Len(t, results, size)
+	waitAll(t, results)
+	require.Equal(t, 1, len(counter.copies), "every COPY went into the staging table: %v", counter.copies)
+	require.Equal(t, 2, counter.staged(), "one COPY for each table with enough rows")
+
+	require.EqualValues(t, n, rowCount(t, setup, schema, "big"), "old rows deleted, updated rows counted once")
+	require.EqualValues(t, n, rowCount(t, setup, schema, "second"), "nothing of the first table left in the staging table")
+	require.EqualValues(t, 2, rowCount(t, setup, schema, "small"))
+	for _, i := range []int{0, 9, n - 1} {
+		requireRecord(t, setup, fmt.Sprintf("big/k%05d", i), 2, fmt.Sprintf(`{"big": %d}`, i))
+		requireRecord(t, setup, fmt.Sprintf("second/s%05d", i), 3, fmt.Sprintf(`{"second": %d}`, i))
+	}
+	requireRecord(t, setup, "small/b", 1, `"rows"`)
+
+	// The next batch, on the same server session, starts from an empty
+	// staging table.
+	results = results[:0]
+	for i := range size {
+		results = append(results, c.SetAsync(fmt.Sprintf("third/t%05d", i), 4, i))
+	}
+	waitAll(t, results)
+	require.Equal(t, 3, counter.staged())
+	require.EqualValues(t, size, rowCount(t, setup, schema, "third"))
+}
+
+func TestTheVersionGuardHoldsInACopiedBatch(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	for i := range 3 {
+		require.NoError(t, setup.Set(ctx, fmt.Sprintf("g/k%05d", i), 10, "newer"))
+	}
+
+	c, counter := connectCounted(t, schema, pgstore.WithVersionGuard(true),
+		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
+	results := make([]*pgstore.Result, pgstore.StageMinRows)
+	for i := range results {
+		results[i] = c.SetAsync(fmt.Sprintf("g/k%05d", i), 5, "older")
+	}
+	closeNow(t, c)
+	require.Equal(t, 1, counter.staged())
+	for i, r := range results {
+		if i < 3 {
+			require.ErrorIs(t, r.Wait(ctx), pgstore.ErrVersionConflict, "write %d", i)
+			requireRecord(t, setup, fmt.Sprintf("g/k%05d", i), 10, `"newer"`)
+		} else {
+			require.NoError(t, r.Wait(ctx), "write %d", i)
+		}
+	}
+	requireRecord(t, setup, fmt.Sprintf("g/k%05d", pgstore.StageMinRows-1), 5, `"older"`)
+}
+
+func TestABadRecordInACopiedBatchFailsOnlyItself(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	c, counter := connectCounted(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
+	var good []*pgstore.Result
+	for i := range pgstore.StageMinRows {
+		good = append(good, c.SetAsync(fmt.Sprintf("n/k%05d", i), 1, i))
+	}
+	bad := c.SetAsync("n/bad", 1, json.RawMessage(`{"n": 1e1000000}`)) // beyond jsonb's numeric
+	closeNow(t, c)
+	require.Equal(t, 1, counter.staged())
+
+	err := bad.Wait(ctx)
+	require.ErrorIs(t, err, pgstore.ErrInvalidValue)
+	require.ErrorContains(t, err, "n/bad")
+	waitAll(t, good)
+	require.EqualValues(t, pgstore.StageMinRows, rowCount(t, setup, schema, "n"))
 }
