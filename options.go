@@ -76,8 +76,10 @@ func WithWriteInterval(d time.Duration) Option {
 }
 
 // WithMaxBatchSize bounds how many records one flush writes in one
-// transaction; a fuller buffer is flushed in several batches, in order.
-// Defaults to 5000.
+// transaction; a fuller buffer is flushed in several batches, in order. The
+// sets of a batch to one table go by COPY once they number 2,000 or more
+// (see the README's Writes), so a limit below that keeps every batch a
+// pipeline of array upserts. Defaults to 5000.
 func WithMaxBatchSize(n int) Option {
 	return func(c *config) error {
 		if n < 1 {
