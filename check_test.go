@@ -511,9 +511,28 @@ func TestCheckTransactionPooler(t *testing.T) {
 	require.True(t, report.OK(), report.String())
 }
 
+// TestLargeBatchesThroughATransactionPooler copies large batches through
+// PgBouncer in transaction mode, which here also discards the server
+// session, temporary tables included, after every transaction: each batch
+// creates the staging table it copies into.
+func TestLargeBatchesThroughATransactionPooler(t *testing.T) {
+	t.Parallel()
+	bouncerURL := chkBouncer(t)
+	schema := pgtest.Schema(t)
+	c, counter := connectCounted(t, bouncerURL("test_transaction"), schema,
+		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
+	results := make([]*pgstore.Result, 3*pgstore.StageMinRows) // three full batches
+	for i := range results {
+		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, i)
+	}
+	waitAll(t, results)
+	require.Equal(t, 3, counter.staged())
+	require.EqualValues(t, len(results), rowCount(t, chkConnect(t, pgtest.URL(t), schema), schema, "big"))
+}
+
 // chkBouncer starts PgBouncer in front of the test server, stopped when the
 // test ends, with the databases test_transaction and test_session pooled in
-// those modes. It returns a function giving the connection string of each.
+// those modes, both discarding the server session after every transaction. It returns a function giving the connection string of each.
 func chkBouncer(t *testing.T) func(database string) string {
 	t.Helper()
 	bin, err := exec.LookPath("pgbouncer")
@@ -552,6 +571,8 @@ auth_file = %[3]s
 pidfile =
 logfile =
 ignore_startup_parameters = extra_float_digits
+server_reset_query = DISCARD ALL
+server_reset_query_always = 1
 `, server, port, filepath.Join(dir, "users.txt"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "users.txt"), fmt.Appendf(nil, "%q \"\"\n", cfg.User), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "pgbouncer.ini"), []byte(ini), 0o644))

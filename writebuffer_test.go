@@ -623,10 +623,10 @@ func (cc *copyCounter) staged() int {
 }
 
 // connectCounted returns a connector whose pool of one connection counts
-// the COPYs it runs, so that every batch runs on the same server session.
-func connectCounted(t *testing.T, schema string, opts ...pgstore.Option) (*pgstore.Connector, *copyCounter) {
+// the COPYs it runs, so that every batch runs on the same client connection.
+func connectCounted(t *testing.T, connString, schema string, opts ...pgstore.Option) (*pgstore.Connector, *copyCounter) {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	cfg, err := pgxpool.ParseConfig(connString)
 	require.NoError(t, err)
 	counter := &copyCounter{copies: make(map[string]int)}
 	cfg.ConnConfig.Tracer = counter
@@ -655,7 +655,7 @@ func TestLargeBatchesAreCopiedAndLandWithTheirNeighbours(t *testing.T) {
 	// would show in the next table. One batch of exactly this many writes, flushed as soon as it is full.
 	n := pgstore.StageMinRows + 10
 	size := 2*n + 12
-	c, counter := connectCounted(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(size))
+	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(size))
 	var results []*pgstore.Result
 	for i := range n {
 		results = append(results,
@@ -700,7 +700,7 @@ func TestTheVersionGuardHoldsInACopiedBatch(t *testing.T) {
 		require.NoError(t, setup.Set(ctx, fmt.Sprintf("g/k%05d", i), 10, "newer"))
 	}
 
-	c, counter := connectCounted(t, schema, pgstore.WithVersionGuard(true),
+	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithVersionGuard(true),
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
 	results := make([]*pgstore.Result, pgstore.StageMinRows)
 	for i := range results {
@@ -724,7 +724,7 @@ func TestABadRecordInACopiedBatchFailsOnlyItself(t *testing.T) {
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	setup := connectSchema(t, schema)
-	c, counter := connectCounted(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
+	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
 	var good []*pgstore.Result
 	for i := range pgstore.StageMinRows {
 		good = append(good, c.SetAsync(fmt.Sprintf("n/k%05d", i), 1, i))
