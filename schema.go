@@ -123,13 +123,8 @@ func newTable(schema, name string, versionGuard bool) *table {
 		name:      name,
 		getSQL:    "SELECT version, val FROM " + ident + " WHERE id = $1",
 		upsertSQL: insert + "SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])" + onConflict,
-		// Rows come out of the staging table in the order COPY wrote them,
-		// ids sorted: a session's temporary table is never scanned in
-		// parallel or from a shared starting point. That keeps the lock
-		// order every connector follows without a sort (1 ms per 5,000
-		// rows); were it ever broken, two connectors could deadlock, and
-		// the batch would be retried.
-		stagedSQL: insert + "SELECT id, version, val FROM " + stagingTable.Sanitize() + onConflict,
+		// In id order, the order every connector locks rows in.
+		stagedSQL: insert + "SELECT id, version, val FROM " + stagingTable.Sanitize() + " ORDER BY id" + onConflict,
 		deleteSQL: "DELETE FROM " + ident + " WHERE id = ANY($1::text[])",
 	}
 }
