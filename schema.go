@@ -123,7 +123,9 @@ func newTable(schema, name string, versionGuard bool) *table {
 		name:      name,
 		getSQL:    "SELECT version, val FROM " + ident + " WHERE id = $1",
 		upsertSQL: insert + "SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])" + onConflict,
-		// In id order, the order every connector locks rows in.
+		// In id order, the order every connector locks rows in. COPY wrote
+		// them in that order, but the heap need not give them back so:
+		// rows of different sizes fill the space left on earlier pages.
 		stagedSQL: insert + "SELECT id, version, val FROM " + stagingTable.Sanitize() + " ORDER BY id" + onConflict,
 		deleteSQL: "DELETE FROM " + ident + " WHERE id = ANY($1::text[])",
 	}
