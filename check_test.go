@@ -307,16 +307,17 @@ func TestCheckWithoutTemporaryTables(t *testing.T) {
 	dbURL := chkWithDatabase(t, roleURL, db)
 
 	var logs syncBuffer
-	c, err := pgstore.Connect(ctx, dbURL, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
+	c, counter := connectCounted(t, dbURL, pgstore.DefaultSchema, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	require.NoError(t, err)
 	results := make([]*pgstore.Result, 2*pgstore.StageMinRows) // two full batches
 	for i := range results {
 		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, i)
 	}
-	require.NoError(t, c.Close(ctx))
+	closeNow(t, c)
 	waitAll(t, results)
 	require.Equal(t, 1, strings.Count(logs.String(), "may not create temporary tables"), logs.String())
+	require.Equal(t, 1, counter.stagingBegins(), "once refused, staging is not tried again")
+	require.Zero(t, counter.staged())
 
 	c = chkConnect(t, dbURL, pgstore.DefaultSchema)
 	require.EqualValues(t, len(results), rowCount(t, c, pgstore.DefaultSchema, "big"))

@@ -1,5 +1,16 @@
 package pgstore
 
+import "time"
+
 // StageMinRows is the number of sets to one table from which a batch is
 // copied through the staging table, for tests that must cross it.
 const StageMinRows = stageMinRows
+
+// WithStagingRenewal sets how often a session's staging table gets a new
+// file, so that a test need not wait for the default.
+func WithStagingRenewal(d time.Duration) Option {
+	return func(c *config) error {
+		c.stagingRenewal = d
+		return nil
+	}
+}

@@ -24,6 +24,8 @@ type config struct {
 	retryTimeout  time.Duration
 	events        eventSet
 	eventsChosen  bool // WithEvents was given: existing triggers follow it
+
+	stagingRenewal time.Duration // see defaultStagingRenewal; tests shorten it
 }
 
 // Defaults of the options, as documented on each.
@@ -37,13 +39,14 @@ const (
 
 func defaultConfig() config {
 	return config{
-		schema:       DefaultSchema,
-		maxBatchSize: DefaultMaxBatchSize,
-		bufferLimit:  DefaultBufferLimit,
-		defaultTable: DefaultTable,
-		logger:       slog.Default(),
-		retryTimeout: DefaultRetryTimeout,
-		events:       allEvents,
+		schema:         DefaultSchema,
+		maxBatchSize:   DefaultMaxBatchSize,
+		bufferLimit:    DefaultBufferLimit,
+		defaultTable:   DefaultTable,
+		logger:         slog.Default(),
+		retryTimeout:   DefaultRetryTimeout,
+		events:         allEvents,
+		stagingRenewal: defaultStagingRenewal,
 	}
 }
 

@@ -431,7 +431,7 @@ func (c *Connector) writeBatch(ctx context.Context, bt *batch) error {
 
 // Large batches travel by COPY, which the server takes in faster than the
 // same rows as array parameters: binary COPY into a temporary staging table,
-// then one INSERT … SELECT from it per table. That costs three round trips
+// then one INSERT … SELECT from it per table. That costs a few round trips
 // more than a pipeline of array upserts, which is why it is kept for tables
 // with at least stageMinRows sets in the batch.
 //
@@ -442,13 +442,28 @@ func (c *Connector) writeBatch(ctx context.Context, bt *batch) error {
 // catalog churn of a TRUNCATE.
 const stageMinRows = 2000
 
+// defaultStagingRenewal bounds how long a session keeps one file for its
+// staging table. Emptied in place at commit, the table keeps its
+// relfrozenxid, and autovacuum cannot freeze another session's temporary
+// table: it would hold back the database's datfrozenxid, and so make
+// wraparound vacuums run in vain, for as long as the connection lives. A
+// TRUNCATE gives it a new file, frozen as of now.
+const defaultStagingRenewal = 10 * time.Minute
+
+// stagingRenewed is the key, in a connection's CustomData, of when its
+// staging table last got a new file.
+const stagingRenewed = "pgstore.stagingRenewed"
+
 var (
 	stagingTable   = pgx.Identifier{"pg_temp", "pgstore_staging"}
 	stagingColumns = []string{"id", "version", "val"}
-	// "IF NOT EXISTS" notices on every flush would flood a pool that logs
-	// notices; SET LOCAL keeps them quiet for this transaction only.
+	// The notice that the table exists would reach, on every flush, a pool
+	// that logs notices: SET LOCAL silences it, then gives the rest of the
+	// transaction the session's default back.
 	beginStaging = "BEGIN; SET LOCAL client_min_messages = warning; " +
-		"CREATE TEMP TABLE IF NOT EXISTS pgstore_staging (id text COLLATE \"C\", version bigint, val jsonb) ON COMMIT DELETE ROWS"
+		"CREATE TEMP TABLE IF NOT EXISTS pgstore_staging (id text COLLATE \"C\", version bigint, val jsonb) ON COMMIT DELETE ROWS; " +
+		"SET LOCAL client_min_messages TO DEFAULT"
+	renewStaging = "; TRUNCATE " + stagingTable.Sanitize()
 	clearStaging = "DELETE FROM " + stagingTable.Sanitize()
 )
 
@@ -472,7 +487,19 @@ func (c *Connector) stages(tables []*tableWrites) bool {
 // of each large table into the staging table; tables are written in name
 // order, as in a pipelined batch.
 func (c *Connector) writeStaged(ctx context.Context, tables []*tableWrites, written [][]string) error {
-	tx, err := c.pool.BeginTx(ctx, pgx.TxOptions{BeginQuery: beginStaging})
+	conn, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	session := conn.Conn().PgConn().CustomData()
+	begin := beginStaging
+	renewed, _ := session[stagingRenewed].(time.Time)
+	renew := time.Since(renewed) >= c.cfg.stagingRenewal
+	if renew {
+		begin += renewStaging
+	}
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
@@ -514,7 +541,13 @@ func (c *Connector) writeStaged(ctx context.Context, tables []*tableWrites, writ
 	if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
 		return err
 	}
-	return tx.Commit(ctx)
+	if err := tx.Commit(ctx); err != nil {
+		return err
+	}
+	if renew {
+		session[stagingRenewed] = time.Now()
+	}
+	return nil
 }
 
 // queueWrites queues a table's upsert, from array parameters or from the

@@ -598,13 +598,20 @@ func TestASetWhoseContextEndsAfterAcceptanceSaysTheWriteGoesOn(t *testing.T) {
 
 // ---- Large batches ----
 
-// copyCounter is a pgx tracer that counts the COPYs into each table.
+// copyCounter is a pgx tracer that counts the COPYs into each table, and
+// the transactions that begin by creating the staging table if missing.
 type copyCounter struct {
 	mu     sync.Mutex
 	copies map[string]int
+	begins int
 }
 
-func (cc *copyCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+func (cc *copyCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	if strings.Contains(d.SQL, "CREATE TEMP TABLE IF NOT EXISTS pgstore_staging") {
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+		cc.begins++
+	}
 	return ctx
 }
 func (cc *copyCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
@@ -620,6 +627,12 @@ func (cc *copyCounter) staged() int {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	return cc.copies[`"pg_temp"."pgstore_staging"`]
+}
+
+func (cc *copyCounter) stagingBegins() int {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return cc.begins
 }
 
 // connectCounted returns a connector whose pool of one connection counts
@@ -738,4 +751,74 @@ func TestABadRecordInACopiedBatchFailsOnlyItself(t *testing.T) {
 	require.ErrorContains(t, err, "n/bad")
 	waitAll(t, good)
 	require.EqualValues(t, pgstore.StageMinRows, rowCount(t, setup, schema, "n"))
+}
+
+// A refusal for want of privilege while writing a table is that table's
+// failure, not a sign that the role may not create the staging table: the
+// next large batch is copied again.
+func TestATableRefusedForPrivilegeDoesNotStopCopying(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	setup := connectSchema(t, schema)
+	require.NoError(t, setup.Set(ctx, "guarded/x", 1, 1))
+	refuse := ident(schema, "refuse")
+	_, err := setup.Exec(ctx, "CREATE FUNCTION "+refuse+"() RETURNS trigger LANGUAGE plpgsql AS "+
+		"$$ BEGIN RAISE EXCEPTION 'no writes here' USING ERRCODE = '42501'; END $$")
+	require.NoError(t, err)
+	_, err = setup.Exec(ctx, "CREATE TRIGGER refuse BEFORE INSERT ON "+ident(schema, "guarded")+" FOR EACH ROW EXECUTE FUNCTION "+refuse+"()")
+	require.NoError(t, err)
+
+	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
+	batch := func(table string) []*pgstore.Result {
+		results := make([]*pgstore.Result, pgstore.StageMinRows) // one full batch
+		for i := range results {
+			results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
+		}
+		return results
+	}
+	for _, r := range batch("guarded") {
+		require.ErrorContains(t, r.Wait(ctx), "no writes here")
+	}
+	waitAll(t, batch("open"))
+	require.Equal(t, 2, counter.staged())
+	require.EqualValues(t, pgstore.StageMinRows, rowCount(t, setup, schema, "open"))
+}
+
+// An emptied temporary table keeps its relfrozenxid, and autovacuum cannot
+// freeze another session's: the staging table of a long-lived connection
+// would hold back the freezing of the whole database. The connector gives
+// it a new file from time to time. Not parallel: a transaction of another
+// test left open across the renewal would age the new file too.
+func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
+	ctx := testCtx(t)
+	const burnt = 1000
+	stagingAge := func(c *pgstore.Connector) int64 {
+		batch := func(table string) {
+			results := make([]*pgstore.Result, pgstore.StageMinRows) // one full batch
+			for i := range results {
+				results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
+			}
+			waitAll(t, results)
+		}
+		batch("first")
+		conn, err := pgx.Connect(ctx, pgtest.URL(t))
+		require.NoError(t, err)
+		defer conn.Close(ctx)
+		for range burnt {
+			_, err := conn.Exec(ctx, "SELECT txid_current()") // one transaction id each
+			require.NoError(t, err)
+		}
+		batch("second")
+		// The connector's pool has one connection: pg_temp is its session's.
+		return queryInt(t, c, "SELECT age(relfrozenxid) FROM pg_class WHERE oid = 'pg_temp.pgstore_staging'::regclass")
+	}
+	opts := []pgstore.Option{pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows)}
+
+	kept, _ := connectCounted(t, pgtest.URL(t), pgtest.Schema(t), opts...)
+	require.GreaterOrEqual(t, stagingAge(kept), int64(burnt), "the premise: emptying at commit leaves relfrozenxid behind")
+
+	renewed, counter := connectCounted(t, pgtest.URL(t), pgtest.Schema(t), append(opts, pgstore.WithStagingRenewal(0))...)
+	require.Less(t, stagingAge(renewed), int64(burnt))
+	require.Equal(t, 2, counter.staged())
 }
