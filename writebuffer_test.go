@@ -737,7 +737,8 @@ func TestABadRecordInACopiedBatchFailsOnlyItself(t *testing.T) {
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	setup := connectSchema(t, schema)
-	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
+	c, counter := connectCounted(t, pgtest.URL(t), schema,
+		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
 	var good []*pgstore.Result
 	for i := range pgstore.StageMinRows {
 		good = append(good, c.SetAsync(fmt.Sprintf("n/k%05d", i), 1, i))
@@ -769,7 +770,8 @@ func TestATableRefusedForPrivilegeDoesNotStopCopying(t *testing.T) {
 	_, err = setup.Exec(ctx, "CREATE TRIGGER refuse BEFORE INSERT ON "+ident(schema, "guarded")+" FOR EACH ROW EXECUTE FUNCTION "+refuse+"()")
 	require.NoError(t, err)
 
-	c, counter := connectCounted(t, pgtest.URL(t), schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
+	c, counter := connectCounted(t, pgtest.URL(t), schema,
+		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
 	batch := func(table string) []*pgstore.Result {
 		results := make([]*pgstore.Result, pgstore.StageMinRows) // one full batch
 		for i := range results {
