@@ -309,10 +309,7 @@ func TestCheckWithoutTemporaryTables(t *testing.T) {
 	var logs syncBuffer
 	c, counter := connectCounted(t, dbURL, pgstore.DefaultSchema, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	results := make([]*pgstore.Result, 2*pgstore.StageMinRows) // two full batches
-	for i := range results {
-		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, i)
-	}
+	results := setMany(c, "big", 2*pgstore.StageMinRows) // two full batches
 	closeNow(t, c)
 	waitAll(t, results)
 	require.Equal(t, 1, strings.Count(logs.String(), "may not create temporary tables"), logs.String())
@@ -522,10 +519,7 @@ func TestLargeBatchesThroughATransactionPooler(t *testing.T) {
 	schema := pgtest.Schema(t)
 	c, counter := connectCounted(t, bouncerURL("test_transaction"), schema,
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	results := make([]*pgstore.Result, 3*pgstore.StageMinRows) // three full batches
-	for i := range results {
-		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, i)
-	}
+	results := setMany(c, "big", 3*pgstore.StageMinRows) // three full batches
 	waitAll(t, results)
 	require.Equal(t, 3, counter.staged())
 	require.EqualValues(t, len(results), rowCount(t, chkConnect(t, pgtest.URL(t), schema), schema, "big"))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"testing"
 	"time"
@@ -133,6 +134,16 @@ func waitAll(t testing.TB, results []*pgstore.Result) {
 	for i, r := range results {
 		require.NoError(t, r.Wait(ctx), "write %d", i)
 	}
+}
+
+// setMany writes the records table/0 … table/n-1, each holding its number,
+// through SetAsync, and returns their results.
+func setMany(c *pgstore.Connector, table string, n int) []*pgstore.Result {
+	results := make([]*pgstore.Result, n)
+	for i := range results {
+		results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
+	}
+	return results
 }
 
 // closeNow closes a connector within the test, asserting it flushed cleanly.

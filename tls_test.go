@@ -95,30 +95,23 @@ func TestTLS(t *testing.T) {
 			"sslcert", otherCert, "sslkey", otherKey))
 		require.ErrorContains(t, err, "failed to connect")
 	})
-	t.Run("client certificate without its key", func(t *testing.T) {
-		t.Parallel()
-		connString := srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, "sslcert", f.ClientCert)
-		_, err := pgstore.Connect(chkCtx(t), connString)
-		require.ErrorContains(t, err, `both "sslcert" and "sslkey" are required`)
-		_, err = pgstore.Check(chkCtx(t), connString)
-		require.ErrorContains(t, err, fmt.Sprintf("sslcert is set (%q) but sslkey is not", f.ClientCert))
+	for _, half := range []struct{ name, given, file, missing string }{
+		{"client certificate without its key", "sslcert", f.ClientCert, "sslkey"},
+		{"client key without its certificate", "sslkey", f.ClientKey, "sslcert"},
+	} {
+		t.Run(half.name, func(t *testing.T) {
+			t.Parallel()
+			connString := srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, half.given, half.file)
+			_, err := pgstore.Connect(chkCtx(t), connString)
+			require.ErrorContains(t, err, `both "sslcert" and "sslkey" are required`)
+			_, err = pgstore.Check(chkCtx(t), connString)
+			require.ErrorContains(t, err, fmt.Sprintf("%s is set (%q) but %s is not", half.given, half.file, half.missing))
 
-		urlString := srv.url("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, "sslcert", f.ClientCert)
-		_, err = pgstore.Check(chkCtx(t), urlString)
-		require.ErrorContains(t, err, "but sslkey is not")
-	})
-	t.Run("client key without its certificate", func(t *testing.T) {
-		t.Parallel()
-		connString := srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, "sslkey", f.ClientKey)
-		_, err := pgstore.Connect(chkCtx(t), connString)
-		require.ErrorContains(t, err, `both "sslcert" and "sslkey" are required`)
-		_, err = pgstore.Check(chkCtx(t), connString)
-		require.ErrorContains(t, err, fmt.Sprintf("sslkey is set (%q) but sslcert is not", f.ClientKey))
-
-		urlString := srv.url("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, "sslkey", f.ClientKey)
-		_, err = pgstore.Check(chkCtx(t), urlString)
-		require.ErrorContains(t, err, "but sslcert is not")
-	})
+			urlString := srv.url("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, half.given, half.file)
+			_, err = pgstore.Check(chkCtx(t), urlString)
+			require.ErrorContains(t, err, "but "+half.missing+" is not")
+		})
+	}
 }
 
 // tlsRequireSession writes and reads a record and asserts how the

@@ -772,17 +772,10 @@ func TestATableRefusedForPrivilegeDoesNotStopCopying(t *testing.T) {
 
 	c, counter := connectCounted(t, pgtest.URL(t), schema,
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	batch := func(table string) []*pgstore.Result {
-		results := make([]*pgstore.Result, pgstore.StageMinRows) // one full batch
-		for i := range results {
-			results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
-		}
-		return results
-	}
-	for _, r := range batch("guarded") {
+	for _, r := range setMany(c, "guarded", pgstore.StageMinRows) { // one full batch
 		require.ErrorContains(t, r.Wait(ctx), "no writes here")
 	}
-	waitAll(t, batch("open"))
+	waitAll(t, setMany(c, "open", pgstore.StageMinRows))
 	require.Equal(t, 2, counter.staged())
 	require.EqualValues(t, pgstore.StageMinRows, rowCount(t, setup, schema, "open"))
 }
@@ -796,14 +789,7 @@ func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
 	ctx := testCtx(t)
 	const burnt = 1000
 	stagingAge := func(c *pgstore.Connector) int64 {
-		batch := func(table string) {
-			results := make([]*pgstore.Result, pgstore.StageMinRows) // one full batch
-			for i := range results {
-				results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
-			}
-			waitAll(t, results)
-		}
-		batch("first")
+		waitAll(t, setMany(c, "first", pgstore.StageMinRows)) // one full batch
 		conn, err := pgx.Connect(ctx, pgtest.URL(t))
 		require.NoError(t, err)
 		defer conn.Close(ctx)
@@ -811,7 +797,7 @@ func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
 			_, err := conn.Exec(ctx, "SELECT txid_current()") // one transaction id each
 			require.NoError(t, err)
 		}
-		batch("second")
+		waitAll(t, setMany(c, "second", pgstore.StageMinRows))
 		// The connector's pool has one connection: pg_temp is its session's.
 		return queryInt(t, c, "SELECT age(relfrozenxid) FROM pg_class WHERE oid = 'pg_temp.pgstore_staging'::regclass")
 	}
