@@ -53,6 +53,10 @@ type Connector struct {
 
 	mu       sync.Mutex
 	tables   map[string]*table // tables accepted by the policy
+	// existing are tables found in the database that this connector has
+	// read or deleted from but not written to: their SQL and their
+	// known existence are kept, bounded by the tables that exist.
+	existing map[string]*table
 	policyMu sync.Mutex        // serialises first writes to new tables
 
 	buf         writeBuffer
@@ -138,6 +142,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		pool:        pool,
 		cfg:         cfg,
 		tables:      make(map[string]*table),
+		existing:    make(map[string]*table),
 		flusherDone: make(chan struct{}),
 	}
 	c.listener = &listener.Listener{
@@ -285,7 +290,8 @@ func (c *Connector) delete(ctx context.Context, key string) *Result {
 	if err != nil {
 		return failed(fmt.Errorf("pgstore: %w", err))
 	}
-	return c.enqueue(ctx, c.knownTable(name), id, 0, nil)
+	t, _ := c.knownTable(name)
+	return c.enqueue(ctx, t, id, 0, nil)
 }
 
 // Get returns the record under key, including a write that is still buffered,
@@ -306,7 +312,11 @@ func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
 		return Record{Version: w.version, Value: append([]byte(nil), w.value...)}, nil
 	}
 	var rec Record
-	err = c.pool.QueryRow(ctx, c.knownTable(name).getSQL, id).Scan(&rec.Version, &rec.Value)
+	t, known := c.knownTable(name)
+	err = c.pool.QueryRow(ctx, t.getSQL, id).Scan(&rec.Version, &rec.Value)
+	if !known && (err == nil || errors.Is(err, pgx.ErrNoRows)) {
+		c.foundTable(t)
+	}
 	if errors.Is(err, pgx.ErrNoRows) || isUndefinedTable(err) {
 		return Record{}, ErrNotFound
 	}
@@ -344,23 +354,41 @@ func (c *Connector) writeTable(key string) (*table, string, error) {
 			return nil, "", fmt.Errorf("pgstore: table %s refused by the table policy: %w", quoteInput(name), err)
 		}
 	}
-	t = newTable(c.cfg.schema, name, c.cfg.versionGuard)
 	c.mu.Lock()
+	defer c.mu.Unlock()
+	t = c.existing[name]
+	if t == nil {
+		t = newTable(c.cfg.schema, name, c.cfg.versionGuard)
+	}
+	delete(c.existing, name)
 	c.tables[name] = t
-	c.mu.Unlock()
 	return t, id, nil
 }
 
 // knownTable returns the remembered table of that name, or a fresh one that
-// is not remembered: reads and deletes of arbitrary names must not grow the
-// connector's memory.
-func (c *Connector) knownTable(name string) *table {
+// is not remembered (known false): reads and deletes of arbitrary names must
+// not grow the connector's memory until the table is found to exist.
+func (c *Connector) knownTable(name string) (t *table, known bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if t := c.tables[name]; t != nil {
-		return t
+		return t, true
 	}
-	return newTable(c.cfg.schema, name, c.cfg.versionGuard)
+	if t := c.existing[name]; t != nil {
+		return t, true
+	}
+	return newTable(c.cfg.schema, name, c.cfg.versionGuard), false
+}
+
+// foundTable remembers a table that knownTable made, once it is found to
+// exist.
+func (c *Connector) foundTable(t *table) {
+	t.created.Store(true)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tables[t.name] == nil && c.existing[t.name] == nil {
+		c.existing[t.name] = t
+	}
 }
 
 // Schema returns the name of the connector's schema, as given to WithSchema.

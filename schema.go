@@ -422,6 +422,7 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 	if t := c.tables[name]; t != nil {
 		t.created.Store(false)
 	}
+	delete(c.existing, name)
 	c.mu.Unlock()
 	return nil
 }
@@ -432,6 +433,7 @@ func (c *Connector) forgetTables() {
 	for _, t := range c.tables {
 		t.created.Store(false)
 	}
+	clear(c.existing)
 }
 
 // GetSchemaOverview returns the number of records in each table of the

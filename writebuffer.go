@@ -591,7 +591,7 @@ func (c *Connector) prepareTable(ctx context.Context, tw *tableWrites) error {
 	err := c.pool.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL",
 		pgx.Identifier{c.cfg.schema, tw.table.name}.Sanitize()).Scan(&exists)
 	if exists {
-		tw.table.created.Store(true)
+		c.foundTable(tw.table)
 	}
 	return err
 }

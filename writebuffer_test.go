@@ -233,6 +233,33 @@ func TestADeleteRightAfterASetDeletes(t *testing.T) {
 	})
 }
 
+// A node that only reads and deletes records of a table another node
+// created learns once that the table exists, not on every flush.
+func TestDeletesFromAnotherNodesTableLookItUpOnce(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	creator := connectSchema(t, schema)
+	for _, key := range []string{"a/1", "a/2", "a/3", "b/1", "b/2"} {
+		require.NoError(t, creator.Set(ctx, key, 1, key))
+	}
+
+	c, counter := connectCounted(t, pgtest.URL(t), schema)
+	require.NoError(t, c.Delete(ctx, "a/1"))
+	require.NoError(t, c.Delete(ctx, "a/2"))
+	require.NoError(t, c.Delete(ctx, "a/3"))
+	require.Equal(t, 1, counter.queriesWith("to_regclass"), "found once, then remembered")
+
+	requireRecord(t, c, "b/1", 1, `"b/1"`) // a read finds the table too
+	require.NoError(t, c.Delete(ctx, "b/1"))
+	require.NoError(t, c.Delete(ctx, "nothing/1"))
+	require.NoError(t, c.Delete(ctx, "nothing/2"))
+	require.Equal(t, 3, counter.queriesWith("to_regclass"), "a missing table is looked up every time")
+
+	require.EqualValues(t, 0, rowCount(t, creator, schema, "a"))
+	require.EqualValues(t, 1, rowCount(t, creator, schema, "b"))
+}
+
 func TestASetRightAfterADeleteSets(t *testing.T) {
 	t.Parallel()
 	schema := pgtest.Schema(t)
@@ -599,19 +626,17 @@ func TestASetWhoseContextEndsAfterAcceptanceSaysTheWriteGoesOn(t *testing.T) {
 // ---- Large batches ----
 
 // copyCounter is a pgx tracer that counts the COPYs into each table, and
-// the transactions that begin by creating the staging table if missing.
+// keeps the SQL of every query.
 type copyCounter struct {
-	mu     sync.Mutex
-	copies map[string]int
-	begins int
+	mu      sync.Mutex
+	copies  map[string]int
+	queries []string
 }
 
 func (cc *copyCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
-	if strings.Contains(d.SQL, "CREATE TEMP TABLE IF NOT EXISTS pgstore_staging") {
-		cc.mu.Lock()
-		defer cc.mu.Unlock()
-		cc.begins++
-	}
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	cc.queries = append(cc.queries, d.SQL)
 	return ctx
 }
 func (cc *copyCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
@@ -629,10 +654,23 @@ func (cc *copyCounter) staged() int {
 	return cc.copies[`"pg_temp"."pgstore_staging"`]
 }
 
-func (cc *copyCounter) stagingBegins() int {
+// queriesWith counts the queries whose SQL holds part.
+func (cc *copyCounter) queriesWith(part string) int {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	return cc.begins
+	n := 0
+	for _, q := range cc.queries {
+		if strings.Contains(q, part) {
+			n++
+		}
+	}
+	return n
+}
+
+// stagingBegins counts the transactions that began by creating the staging
+// table if missing.
+func (cc *copyCounter) stagingBegins() int {
+	return cc.queriesWith("CREATE TEMP TABLE IF NOT EXISTS pgstore_staging")
 }
 
 // connectCounted returns a connector whose pool of one connection counts
