@@ -51,13 +51,13 @@ type Connector struct {
 	ownsPool bool
 	cfg      config
 
-	mu       sync.Mutex
-	tables   map[string]*table // tables accepted by the policy
+	mu     sync.Mutex
+	tables map[string]*table // tables accepted by the policy
 	// existing are tables found in the database that this connector has
 	// read or deleted from but not written to: their SQL and their
 	// known existence are kept, bounded by the tables that exist.
 	existing map[string]*table
-	policyMu sync.Mutex        // serialises first writes to new tables
+	policyMu sync.Mutex // serialises first writes to new tables
 
 	buf         writeBuffer
 	noStaging   atomic.Bool // the role may not create the staging table
