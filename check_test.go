@@ -30,9 +30,9 @@ var checkNames = []string{
 }
 
 func ExampleConnector_Check() {
-	defer checkExampleDrop("pgstore_example_check")
+	defer exampleSchema("pgstore_example_check")()
 	ctx := context.Background()
-	c, err := pgstore.Connect(ctx, checkExampleURL(), pgstore.WithSchema("pgstore_example_check"))
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_check"))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -51,7 +51,7 @@ func ExampleConnector_Check() {
 
 func ExampleCheck() {
 	// Before the first Connect: Check creates nothing, not even the schema.
-	report, err := pgstore.Check(context.Background(), checkExampleURL(), pgstore.WithSchema("pgstore_example_check"))
+	report, err := pgstore.Check(context.Background(), exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_check"))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -60,28 +60,6 @@ func ExampleCheck() {
 	}
 	fmt.Println(report.OK())
 	// Output: true
-}
-
-// checkExampleURL is the test server of the examples, which cannot skip:
-// the one named by PGSTORE_TEST_DATABASE_URL, else the local default.
-func checkExampleURL() string {
-	if u := os.Getenv(pgtest.EnvURL); u != "" {
-		return u
-	}
-	return pgtest.LocalURL
-}
-
-// checkExampleDrop drops an example's schema.
-func checkExampleDrop(schema string) {
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, checkExampleURL())
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE"); err != nil {
-		log.Fatal(err)
-	}
 }
 
 func TestReportString(t *testing.T) {
@@ -111,7 +89,7 @@ func TestReportString(t *testing.T) {
 
 func TestCheckSuperuser(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	c := chkConnect(t, pgtest.URL(t), schema)
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]int{"hp": 300}))
@@ -138,19 +116,19 @@ func TestCheckErrors(t *testing.T) {
 	t.Parallel()
 	c := chkConnect(t, pgtest.URL(t), pgtest.Schema(t))
 
-	ctx, cancel := context.WithCancel(chkCtx(t))
+	ctx, cancel := context.WithCancel(testCtx(t))
 	cancel()
 	_, err := c.Check(ctx)
 	require.ErrorIs(t, err, context.Canceled, "a check that cannot run returns an error")
 
-	require.NoError(t, c.Close(chkCtx(t)))
-	_, err = c.Check(chkCtx(t))
+	require.NoError(t, c.Close(testCtx(t)))
+	_, err = c.Check(testCtx(t))
 	require.ErrorIs(t, err, pgstore.ErrClosed)
 
-	_, err = pgstore.Check(chkCtx(t), "postgres://nobody@127.0.0.1:1/none?connect_timeout=5")
+	_, err = pgstore.Check(testCtx(t), "postgres://nobody@127.0.0.1:1/none?connect_timeout=5")
 	require.ErrorContains(t, err, "connect")
 
-	_, err = pgstore.Check(chkCtx(t), pgtest.URL(t), pgstore.WithSchema(""))
+	_, err = pgstore.Check(testCtx(t), pgtest.URL(t), pgstore.WithSchema(""))
 	require.ErrorContains(t, err, "WithSchema")
 }
 
@@ -159,7 +137,7 @@ func TestCheckErrors(t *testing.T) {
 // that an administrator created.
 func TestCheckLeastPrivilege(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	chkAdmin(t, "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize())
 	_, roleURL := chkRole(t, schema,
@@ -196,7 +174,7 @@ func TestCheckLeastPrivilege(t *testing.T) {
 // runs as: Check names the missing grant, and its fix restores them.
 func TestCheckRevokedGrants(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	chkAdmin(t, "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize())
 	role, roleURL := chkRole(t, schema,
@@ -235,7 +213,7 @@ func TestCheckRevokedGrants(t *testing.T) {
 // Check reports each, and running the fixes it prints makes it pass.
 func TestCheckFixes(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	admin := chkConnect(t, pgtest.URL(t), schema)
 	require.NoError(t, admin.Set(ctx, "cars/bmw", 1, 1))
@@ -265,7 +243,7 @@ func TestCheckFixes(t *testing.T) {
 // told to use.
 func TestCheckMissingSchema(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	role, roleURL := chkRole(t, schema, "GRANT CONNECT ON DATABASE %[1]s TO %[2]s")
 
@@ -297,7 +275,7 @@ func TestCheckMissingSchema(t *testing.T) {
 // warning, and Check names the grant that lets them be copied.
 func TestCheckWithoutTemporaryTables(t *testing.T) {
 	t.Parallel()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	role, roleURL := chkRole(t, "")
 	db := "pgstore_test_db_" + chkRandom(t)
 	d, r := pgx.Identifier{db}.Sanitize(), pgx.Identifier{role}.Sanitize()
@@ -334,7 +312,7 @@ func TestCheckWithoutTemporaryTables(t *testing.T) {
 // chkSetGetDelete writes, reads and deletes a record.
 func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
 	t.Helper()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	require.NoError(t, c.Set(ctx, "cars/bmw", 3, map[string]string{"color": "blue"}))
 	rec, err := c.Get(ctx, "cars/bmw")
 	require.NoError(t, err)
@@ -345,16 +323,11 @@ func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
 	require.ErrorIs(t, err, pgstore.ErrNotFound)
 }
 
-func chkCtx(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 // chkConnect returns a connector on the schema, closed when the test ends.
 func chkConnect(t testing.TB, connString, schema string) *pgstore.Connector {
 	t.Helper()
-	c, err := pgstore.Connect(chkCtx(t), connString, pgstore.WithSchema(schema))
+	c, err := pgstore.Connect(testCtx(t), connString, pgstore.WithSchema(schema))
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, c.Close(context.Background())) })
 	return c
@@ -377,11 +350,11 @@ func chkAdmin(t testing.TB, sql ...string) {
 
 func chkQueryString(t testing.TB, sql string) string {
 	t.Helper()
-	conn, err := pgx.Connect(chkCtx(t), pgtest.URL(t))
+	conn, err := pgx.Connect(testCtx(t), pgtest.URL(t))
 	require.NoError(t, err)
 	defer conn.Close(context.Background())
 	var s string
-	require.NoError(t, conn.QueryRow(chkCtx(t), sql).Scan(&s))
+	require.NoError(t, conn.QueryRow(testCtx(t), sql).Scan(&s))
 	return s
 }
 
@@ -494,7 +467,7 @@ func TestCheckTransactionPooler(t *testing.T) {
 	t.Parallel()
 	bouncerURL := chkBouncer(t)
 	schema := pgtest.Schema(t)
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 
 	report, err := pgstore.Check(ctx, bouncerURL("test_transaction"), pgstore.WithSchema(schema))
 	require.NoError(t, err)
@@ -600,7 +573,7 @@ server_reset_query_always = 1
 			port, cfg.User, cfg.Password, database)
 	}
 	// Wait until PgBouncer takes connections.
-	ctx, cancel := context.WithTimeout(chkCtx(t), 10*time.Second)
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
 	defer cancel()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()

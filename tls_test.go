@@ -63,7 +63,7 @@ func TestTLS(t *testing.T) {
 	t.Run("verify-full refuses a host name not in the certificate", func(t *testing.T) {
 		t.Parallel()
 		// The server's certificate is for localhost only.
-		_, err := pgstore.Connect(chkCtx(t), srv.connString("127.0.0.1", "sslmode", "verify-full", "sslrootcert", f.CA))
+		_, err := pgstore.Connect(testCtx(t), srv.connString("127.0.0.1", "sslmode", "verify-full", "sslrootcert", f.CA))
 		require.ErrorContains(t, err, "x509: cannot validate certificate for 127.0.0.1")
 		// verify-ca checks the chain, not the name.
 		c := chkConnect(t, srv.connString("127.0.0.1", "sslmode", "verify-ca", "sslrootcert", f.CA), pgtest.Schema(t))
@@ -71,7 +71,7 @@ func TestTLS(t *testing.T) {
 	})
 	t.Run("verify-full refuses an unknown authority", func(t *testing.T) {
 		t.Parallel()
-		_, err := pgstore.Connect(chkCtx(t), srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", otherCA))
+		_, err := pgstore.Connect(testCtx(t), srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", otherCA))
 		require.ErrorContains(t, err, "certificate signed by unknown authority")
 	})
 	t.Run("disable", func(t *testing.T) {
@@ -91,7 +91,7 @@ func TestTLS(t *testing.T) {
 		// against ssl_ca_file, and ends the handshake ("certificate verify
 		// failed" in its log); the client sees the connection reset, or
 		// the TLS alert when it reads one first.
-		_, err := pgstore.Connect(chkCtx(t), srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA,
+		_, err := pgstore.Connect(testCtx(t), srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA,
 			"sslcert", otherCert, "sslkey", otherKey))
 		require.ErrorContains(t, err, "failed to connect")
 	})
@@ -102,13 +102,13 @@ func TestTLS(t *testing.T) {
 		t.Run(half.name, func(t *testing.T) {
 			t.Parallel()
 			connString := srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, half.given, half.file)
-			_, err := pgstore.Connect(chkCtx(t), connString)
+			_, err := pgstore.Connect(testCtx(t), connString)
 			require.ErrorContains(t, err, `both "sslcert" and "sslkey" are required`)
-			_, err = pgstore.Check(chkCtx(t), connString)
+			_, err = pgstore.Check(testCtx(t), connString)
 			require.ErrorContains(t, err, fmt.Sprintf("%s is set (%q) but %s is not", half.given, half.file, half.missing))
 
 			urlString := srv.url("localhost", "sslmode", "verify-full", "sslrootcert", f.CA, half.given, half.file)
-			_, err = pgstore.Check(chkCtx(t), urlString)
+			_, err = pgstore.Check(testCtx(t), urlString)
 			require.ErrorContains(t, err, "but "+half.missing+" is not")
 		})
 	}
@@ -118,7 +118,7 @@ func TestTLS(t *testing.T) {
 // connector's session is secured, as pg_stat_ssl reports it.
 func tlsRequireSession(t *testing.T, c *pgstore.Connector, ssl bool, clientDN string) {
 	t.Helper()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]string{"tls": "yes"}))
 	rec, err := c.Get(ctx, "cars/bmw")
 	require.NoError(t, err)
@@ -184,7 +184,7 @@ var tlsSettings = []string{"ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file"
 // changing the settings under one another.
 func tlsSetup(t *testing.T) tlsServer {
 	t.Helper()
-	ctx := chkCtx(t)
+	ctx := testCtx(t)
 	cfg, err := pgx.ParseConfig(pgtest.URL(t))
 	require.NoError(t, err)
 	admin, err := pgx.Connect(ctx, pgtest.URL(t))
