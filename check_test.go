@@ -323,7 +323,6 @@ func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
 	require.ErrorIs(t, err, pgstore.ErrNotFound)
 }
 
-
 // chkConnect returns a connector on the schema, closed when the test ends.
 func chkConnect(t testing.TB, connString, schema string) *pgstore.Connector {
 	t.Helper()
