@@ -333,14 +333,19 @@ func chkConnect(t testing.TB, connString, schema string) *pgstore.Connector {
 }
 
 // chkAdmin runs statements as the test server's administrator. It works in
-// cleanups too, where the test's context has ended.
+// cleanups too, where the test's context has ended. Calls take turns, across
+// test processes too: grants on one database from two sessions at once
+// update the same catalogue row, and one of them fails ("tuple concurrently
+// updated").
 func chkAdmin(t testing.TB, sql ...string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, pgtest.URL(t))
 	require.NoError(t, err)
-	defer conn.Close(ctx)
+	defer conn.Close(ctx) // also releases the lock
+	_, err = conn.Exec(ctx, "SELECT pg_advisory_lock(hashtextextended('pgstore tests: chkAdmin', 0))")
+	require.NoError(t, err)
 	for _, stmt := range sql {
 		_, err := conn.Exec(ctx, stmt)
 		require.NoError(t, err, stmt)
