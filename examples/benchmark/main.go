@@ -17,6 +17,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -90,12 +91,7 @@ func parseFlags(args []string) (settings, error) {
 	if fs.NArg() > 0 {
 		return s, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	if s.url == "" {
-		s.url = os.Getenv("DATABASE_URL")
-	}
-	if s.url == "" {
-		s.url = defaultURL
-	}
+	s.url = cmp.Or(s.url, os.Getenv("DATABASE_URL"), defaultURL)
 	byMode := func(v *int, full, quick int) {
 		if *v == 0 {
 			*v = full

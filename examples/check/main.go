@@ -11,6 +11,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -27,12 +28,7 @@ func main() {
 	url := flag.String("url", "", "connection string (default: $DATABASE_URL, else "+defaultURL+")")
 	schema := flag.String("schema", pgstore.DefaultSchema, "pgstore's schema")
 	flag.Parse()
-	if *url == "" {
-		*url = os.Getenv("DATABASE_URL")
-	}
-	if *url == "" {
-		*url = defaultURL
-	}
+	*url = cmp.Or(*url, os.Getenv("DATABASE_URL"), defaultURL)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()

@@ -5,6 +5,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -18,10 +19,7 @@ import (
 const localURL = "postgres://postgres@127.0.0.1:5432/test"
 
 func main() {
-	url := os.Getenv("DATABASE_URL")
-	if url == "" {
-		url = localURL
-	}
+	url := cmp.Or(os.Getenv("DATABASE_URL"), localURL)
 	if err := run(context.Background(), url); err != nil {
 		log.Fatal(err)
 	}

@@ -10,6 +10,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -32,12 +33,7 @@ func main() {
 	url := flag.String("url", "", "PostgreSQL connection `string` (default $DATABASE_URL, else "+defaultURL+")")
 	schema := flag.String("schema", "realtime", "PostgreSQL `schema` that holds the records")
 	flag.Parse()
-	if *url == "" {
-		*url = os.Getenv("DATABASE_URL")
-	}
-	if *url == "" {
-		*url = defaultURL
-	}
+	*url = cmp.Or(*url, os.Getenv("DATABASE_URL"), defaultURL)
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

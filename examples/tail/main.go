@@ -8,6 +8,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -20,12 +21,11 @@ import (
 )
 
 func main() {
-	url := flag.String("url", os.Getenv("DATABASE_URL"), "PostgreSQL connection string (default $DATABASE_URL, else the local server)")
+	// Not $DATABASE_URL as the flag's default: -h would print its password.
+	url := flag.String("url", "", "PostgreSQL connection string (default $DATABASE_URL, else the local server)")
 	schema := flag.String("schema", pgstore.DefaultSchema, "schema whose changes to print")
 	flag.Parse()
-	if *url == "" {
-		*url = "postgres://postgres@127.0.0.1:5432/test"
-	}
+	*url = cmp.Or(*url, os.Getenv("DATABASE_URL"), "postgres://postgres@127.0.0.1:5432/test")
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
