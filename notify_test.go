@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
@@ -589,48 +588,20 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-// holdListen holds the second LISTEN of a connection (the one after a
-// reconnection) until release is closed.
-type holdListen struct {
-	listens atomic.Int32
-	held    chan struct{}
-	release chan struct{}
-}
-
-func (h *holdListen) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
-	if strings.HasPrefix(d.SQL, "LISTEN") && h.listens.Add(1) == 2 {
-		close(h.held)
-		<-h.release
-	}
-	return ctx
-}
-
-func (h *holdListen) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-
 func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	schema := pgtest.Schema(t)
-	hold := &holdListen{held: make(chan struct{}), release: make(chan struct{})}
-	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
-	require.NoError(t, err)
-	cfg.ConnConfig.Tracer = hold
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
-	c, err := pgstore.New(ctx, pool, pgstore.WithSchema(schema))
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, c.Close(ctx)) })
+	c, schema := connectNamed(t)
 	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
 
 	// On Resync, the subscriber re-reads; a write made right then must
-	// reach it, so the LISTEN must be in place before the Resync.
-	written := make(chan struct{})
+	// reach it, so the LISTEN must be in place before the Resync (which
+	// internal/listener's TestReconnectedComesOnlyOnceListeningAgain shows
+	// of the Reconnected call behind it).
 	events := make(chan pgstore.Event, 16)
 	sub, err := c.Subscribe(ctx, func(e pgstore.Event) {
 		if e.Type == pgstore.Resync {
 			require.NoError(t, c.Set(ctx, "t/written-on-resync", 1, 1))
-			close(written)
 		}
 		events <- e
 	})
@@ -641,14 +612,6 @@ func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 	require.Len(t, pids, 1)
 	_, err = pgtest.Pool(t).Exec(ctx, "SELECT pg_terminate_backend($1)", pids[0])
 	require.NoError(t, err)
-	<-hold.held
-	// A Resync delivered too early shows as a write before the LISTEN;
-	// give it the chance to show, then let the LISTEN go.
-	select {
-	case <-written:
-	case <-time.After(time.Second):
-	}
-	close(hold.release)
 	for {
 		select {
 		case e := <-events:

@@ -3,6 +3,8 @@ package listener
 import (
 	"context"
 	"errors"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,5 +93,64 @@ func TestAConnectionThatFailsAtOnceIsRetriedWithBackoff(t *testing.T) {
 	require.Error(t, <-listened)
 	for i := 1; i < attempts; i++ {
 		require.GreaterOrEqual(t, times[i].Sub(times[i-1]), l.MinBackoff, "attempt %d", i+1)
+	}
+}
+
+// countListens is a pgx tracer that counts the LISTEN statements completed.
+type countListens struct{ done atomic.Int32 }
+
+func (c *countListens) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (c *countListens) TraceQueryEnd(_ context.Context, _ *pgx.Conn, d pgx.TraceQueryEndData) {
+	if d.Err == nil && strings.HasPrefix(d.CommandTag.String(), "LISTEN") {
+		c.done.Add(1)
+	}
+}
+
+// After a lost connection, Reconnected comes only once the new connection
+// listens again: a subscriber that re-reads then misses no change made after
+// its re-read. Reconnected runs on the loop's goroutine, so what it sees is
+// exactly what was done before it.
+func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
+	url := pgtest.URL(t)
+	listens := &countListens{}
+	pids := make(chan uint32, 2)
+	listensAtReconnect := make(chan int32, 1)
+	l := &Listener{
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			cfg, err := pgx.ParseConfig(url)
+			if err != nil {
+				return nil, err
+			}
+			cfg.Tracer = listens
+			conn, err := pgx.ConnectConfig(ctx, cfg)
+			if err == nil {
+				pids <- conn.PgConn().PID()
+			}
+			return conn, err
+		},
+		Reconnected: func() { listensAtReconnect <- listens.done.Load() },
+		MinBackoff:  10 * time.Millisecond,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); l.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	require.NoError(t, l.Listen(ctx, "a"))
+	require.NoError(t, l.Listen(ctx, "b"))
+	require.EqualValues(t, 2, listens.done.Load())
+
+	admin, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer admin.Close(ctx)
+	_, err = admin.Exec(ctx, "SELECT pg_terminate_backend($1)", <-pids)
+	require.NoError(t, err)
+	select {
+	case n := <-listensAtReconnect:
+		require.EqualValues(t, 4, n, "both channels listened on again before Reconnected")
+	case <-time.After(15 * time.Second):
+		t.Fatal("no Reconnected after the connection was terminated")
 	}
 }
