@@ -55,7 +55,7 @@ func BenchmarkSetAsync(b *testing.B) {
 	// records as they write.
 	window := make([]*pgstore.Result, 2*pgstore.DefaultMaxBatchSize)
 	for i := range window {
-		window[i] = c.SetAsync(keys[i%len(keys)], int64(i), benchValue)
+		window[i] = c.SetAsync(ctx, keys[i%len(keys)], int64(i), benchValue)
 	}
 	wait := func(r *pgstore.Result) {
 		if err := r.Wait(ctx); err != nil {
@@ -66,7 +66,7 @@ func BenchmarkSetAsync(b *testing.B) {
 	for b.Loop() {
 		slot := &window[i%len(window)]
 		wait(*slot)
-		*slot = c.SetAsync(keys[i%len(keys)], int64(i), benchValue)
+		*slot = c.SetAsync(ctx, keys[i%len(keys)], int64(i), benchValue)
 		i++
 	}
 	for _, r := range window {
@@ -83,7 +83,7 @@ func BenchmarkGet(b *testing.B) {
 	keys := benchKeys()
 	results := make([]*pgstore.Result, len(keys))
 	for i, k := range keys {
-		results[i] = c.SetAsync(k, 1, benchValue)
+		results[i] = c.SetAsync(ctx, k, 1, benchValue)
 	}
 	for _, r := range results {
 		if err := r.Wait(ctx); err != nil {

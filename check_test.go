@@ -287,7 +287,7 @@ func TestCheckWithoutTemporaryTables(t *testing.T) {
 	var logs syncBuffer
 	c, counter := connectCounted(t, dbURL, pgstore.DefaultSchema, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	results := setMany(c, "big", 2*pgstore.StageMinRows) // two full batches
+	results := setMany(ctx, c, "big", 2*pgstore.StageMinRows) // two full batches
 	closeNow(t, c)
 	waitAll(t, results)
 	require.Equal(t, 1, strings.Count(logs.String(), "may not create temporary tables"), logs.String())
@@ -491,12 +491,13 @@ func TestCheckTransactionPooler(t *testing.T) {
 // session, temporary tables included, after every transaction: each batch
 // creates the staging table it copies into.
 func TestLargeBatchesThroughATransactionPooler(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	bouncerURL := chkBouncer(t)
 	schema := pgtest.Schema(t)
 	c, counter := connectCounted(t, bouncerURL("test_transaction"), schema,
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	results := setMany(c, "big", 3*pgstore.StageMinRows) // three full batches
+	results := setMany(ctx, c, "big", 3*pgstore.StageMinRows) // three full batches
 	waitAll(t, results)
 	require.Equal(t, 3, counter.staged())
 	require.EqualValues(t, len(results), rowCount(t, chkConnect(t, pgtest.URL(t), schema), schema, "big"))

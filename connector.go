@@ -23,13 +23,21 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore/internal/listener"
+	"github.com/pgstore/pgstore/internal/writebuf"
 )
 
 var (
 	// ErrNotFound is returned by Get for a key that holds no record.
 	ErrNotFound = errors.New("pgstore: record not found")
-	// ErrClosed is returned by every call made after Close.
-	ErrClosed = errors.New("pgstore: connector closed")
+	// ErrClosed is returned by every call made after Close, and by writes
+	// that Close's context ended before they were sent.
+	ErrClosed = writebuf.ErrClosed
+	// ErrOutcomeUnknown is wrapped by the error of a write whose commit was
+	// sent, whose answer was lost, and whose outcome the server could not
+	// be asked for before the write's deadline. The write may have
+	// committed; it can no longer commit later. Only a write that was
+	// actually sent ever reports it.
+	ErrOutcomeUnknown = writebuf.ErrOutcomeUnknown
 	// ErrVersionConflict is wrapped by the error of a write refused by the
 	// version guard (see WithVersionGuard).
 	ErrVersionConflict = errors.New("version conflict")
@@ -59,10 +67,8 @@ type Connector struct {
 	existing map[string]*table
 	policyMu sync.Mutex // serialises first writes to new tables
 
-	buf         writeBuffer
-	noStaging   atomic.Bool // the role may not create the staging table
-	cancelFlush context.CancelFunc
-	flusherDone chan struct{}
+	buf       *writebuf.Buffer
+	noStaging atomic.Bool // the role may not create the staging table
 
 	listener     *listener.Listener
 	listenerOnce sync.Once
@@ -139,11 +145,10 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		}
 	}
 	c := &Connector{
-		pool:        pool,
-		cfg:         cfg,
-		tables:      make(map[string]*table),
-		existing:    make(map[string]*table),
-		flusherDone: make(chan struct{}),
+		pool:     pool,
+		cfg:      cfg,
+		tables:   make(map[string]*table),
+		existing: make(map[string]*table),
 	}
 	c.listener = &listener.Listener{
 		Connect: func(ctx context.Context) (*pgx.Conn, error) {
@@ -169,11 +174,16 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	}
 	c.subs = make(map[string]map[*Subscription]struct{})
 	c.listenerDone = make(chan struct{})
-	c.buf.room = make(chan struct{})
-	c.buf.wake = make(chan struct{}, 1)
-	flushCtx, cancel := context.WithCancel(context.Background())
-	c.cancelFlush = cancel
-	go c.flushLoop(flushCtx)
+	c.buf = writebuf.New(writebuf.Config{
+		Interval:     cfg.writeInterval,
+		MaxBatch:     cfg.maxBatchSize,
+		Limit:        cfg.bufferLimit,
+		RetryTimeout: cfg.retryTimeout,
+		MinAttempt:   cfg.minAttempt,
+		Guard:        cfg.versionGuard,
+		Conflict:     versionConflict,
+		Logger:       cfg.logger,
+	}, &sqlSink{c: c})
 	return c, nil
 }
 
@@ -185,22 +195,9 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 func (c *Connector) Close(ctx context.Context) error {
 	c.closeOnce.Do(func() {
 		c.closing.Store(true)
-		b := &c.buf
-		b.mu.Lock()
-		b.closed = true
-		close(b.room) // writers waiting for room give up
-		b.room = make(chan struct{})
-		b.mu.Unlock()
-		b.signal()
-
-		select {
-		case <-c.flusherDone:
-		case <-ctx.Done():
-			c.closeErr = fmt.Errorf("pgstore: close: writes still buffered failed: %w", ctx.Err())
-			c.cancelFlush()
-			<-c.flusherDone
+		if err := c.buf.Close(ctx); err != nil {
+			c.closeErr = fmt.Errorf("pgstore: close: writes not yet sent failed: %w", err)
 		}
-		c.cancelFlush()
 		if err := c.closeFeed(ctx); err != nil && c.closeErr == nil {
 			c.closeErr = err
 		}
@@ -237,7 +234,7 @@ func (c *Connector) Set(ctx context.Context, key string, version int64, value an
 // first that the write goes on, unlike one that was never accepted.
 func waitDurable(ctx context.Context, key string, r *Result) error {
 	err := r.Wait(ctx)
-	if err != nil && r.batch != settled && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+	if err != nil && r.r.Accepted() && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
 		return fmt.Errorf("pgstore: %s accepted but not yet durable (it will still be written): %w", quoteInput(key), err)
 	}
 	return err
@@ -245,10 +242,12 @@ func waitDurable(ctx context.Context, key string, r *Result) error {
 
 // SetAsync accepts a write without waiting for it to be durable, and returns
 // its Result. Writes are applied in the order of the calls. It waits only when
-// the write buffer is full (see WithBufferLimit). Errors about the key or the
-// value are reported by the Result at once.
-func (c *Connector) SetAsync(key string, version int64, value any) *Result {
-	return c.set(context.Background(), key, version, value)
+// the write buffer is full (see WithBufferLimit), and ctx bounds only that
+// wait: once accepted, the write goes on whatever becomes of ctx. Errors about
+// the key or the value, and a ctx that ended before there was room, are
+// reported by the Result at once.
+func (c *Connector) SetAsync(ctx context.Context, key string, version int64, value any) *Result {
+	return c.set(ctx, key, version, value)
 }
 
 func (c *Connector) set(ctx context.Context, key string, version int64, value any) *Result {
@@ -262,11 +261,11 @@ func (c *Connector) set(ctx context.Context, key string, version int64, value an
 	if c.cfg.versionGuard && version < 0 {
 		return failed(fmt.Errorf("pgstore: %s: version %d is negative; the version guard needs versions of 0 or more", quoteInput(key), version))
 	}
-	data, err := encodeValue(value)
+	data, err := encodeValue(value, c.cfg.maxValueBytes)
 	if err != nil {
 		return failed(fmt.Errorf("pgstore: %s: %w", quoteInput(key), err))
 	}
-	return c.enqueue(ctx, t, id, version, data)
+	return &Result{c.buf.Enqueue(ctx, writebuf.Op{Table: t.name, Handle: t, ID: id, Version: version, Value: data})}
 }
 
 // Delete removes a record and returns once the removal is durable. Deleting
@@ -277,9 +276,10 @@ func (c *Connector) Delete(ctx context.Context, key string) error {
 }
 
 // DeleteAsync accepts a removal without waiting for it to be durable, in call
-// order with the other writes.
-func (c *Connector) DeleteAsync(key string) *Result {
-	return c.delete(context.Background(), key)
+// order with the other writes. Like SetAsync, it waits only for room in the
+// buffer, and ctx bounds only that wait.
+func (c *Connector) DeleteAsync(ctx context.Context, key string) *Result {
+	return c.delete(ctx, key)
 }
 
 func (c *Connector) delete(ctx context.Context, key string) *Result {
@@ -291,11 +291,13 @@ func (c *Connector) delete(ctx context.Context, key string) *Result {
 		return failed(fmt.Errorf("pgstore: %w", err))
 	}
 	t, _ := c.knownTable(name)
-	return c.enqueue(ctx, t, id, 0, nil)
+	return &Result{c.buf.Enqueue(ctx, writebuf.Op{Table: t.name, Handle: t, ID: id})}
 }
 
 // Get returns the record under key, including a write that is still buffered,
-// or ErrNotFound.
+// or ErrNotFound. With the version guard on, a buffered set older than the
+// stored record (which its flush will refuse) is not returned: the stored
+// record is.
 func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
 	if c.closing.Load() {
 		return Record{}, ErrClosed
@@ -304,16 +306,21 @@ func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
 	if err != nil {
 		return Record{}, fmt.Errorf("pgstore: %w", err)
 	}
-	if w, ok := c.buf.lookup(name, id); ok {
-		if w.value == nil {
-			return Record{}, ErrNotFound
-		}
-		// The buffer's copy must stay as it is.
-		return Record{Version: w.version, Value: append([]byte(nil), w.value...)}, nil
+	version, value, buffered := c.buf.Lookup(name, id)
+	if buffered && value == nil {
+		return Record{}, ErrNotFound
+	}
+	// The buffer's copy must stay as it is.
+	pending := Record{Version: version, Value: append([]byte(nil), value...)}
+	if buffered && (!c.cfg.versionGuard || c.buf.DeleteBefore(name, id)) {
+		return pending, nil
 	}
 	var rec Record
 	t, known := c.knownTable(name)
 	err = c.pool.QueryRow(ctx, t.getSQL, id).Scan(&rec.Version, &rec.Value)
+	if buffered && (err == nil && rec.Version <= pending.Version || errors.Is(err, pgx.ErrNoRows) || isUndefinedTable(err)) {
+		return pending, nil
+	}
 	if !known && (err == nil || errors.Is(err, pgx.ErrNoRows)) {
 		c.foundTable(t)
 	}

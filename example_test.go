@@ -161,7 +161,7 @@ func ExampleConnector_SetAsync() {
 	// each Result reports when its write is durable, or why it failed.
 	var results []*pgstore.Result
 	for speed := 10; speed <= 50; speed += 10 {
-		results = append(results, c.SetAsync("cars/bmw", int64(speed/10), map[string]int{"speed": speed}))
+		results = append(results, c.SetAsync(ctx, "cars/bmw", int64(speed/10), map[string]int{"speed": speed}))
 	}
 	for _, res := range results {
 		if err := res.Wait(ctx); err != nil {
@@ -188,12 +188,12 @@ func ExampleResult_Wait() {
 	}
 	defer c.Close(ctx)
 
-	res := c.SetAsync("cars/bmw", 1, car{Model: "bmw", HP: 300})
+	res := c.SetAsync(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300})
 	// ... do other work while the write is flushed ...
 	fmt.Println("durable:", res.Wait(ctx) == nil)
 
 	// A write that is refused at once reports it through its Result too.
-	res = c.SetAsync("/bmw", 1, car{Model: "bmw"})
+	res = c.SetAsync(ctx, "/bmw", 1, car{Model: "bmw"})
 	fmt.Println("invalid key:", errors.Is(res.Wait(ctx), pgstore.ErrInvalidKey))
 	// Output:
 	// durable: true
@@ -296,7 +296,7 @@ func ExampleWithWriteInterval() {
 	}
 	for speed := 1; speed <= 60; speed++ {
 		// Each Result could be waited for; Close below reports nothing lost.
-		c.SetAsync("cars/bmw", int64(speed), map[string]int{"speed": speed})
+		c.SetAsync(ctx, "cars/bmw", int64(speed), map[string]int{"speed": speed})
 	}
 	// Reads see buffered writes.
 	printSpeed(ctx, c, "buffered")
@@ -775,7 +775,7 @@ func ExampleConnector_Close() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	c.SetAsync("cars/bmw", 1, car{Model: "bmw", HP: 300}) // buffered for up to a minute
+	c.SetAsync(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}) // buffered for up to a minute
 
 	// On shutdown, Close flushes the buffered writes, within a bound.
 	shutdownCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -814,7 +814,7 @@ func ExampleConnector_DeleteAsync() {
 	}
 
 	// The removals are accepted at once and applied in call order.
-	results := []*pgstore.Result{c.DeleteAsync("cars/bmw"), c.DeleteAsync("cars/vw")}
+	results := []*pgstore.Result{c.DeleteAsync(ctx, "cars/bmw"), c.DeleteAsync(ctx, "cars/vw")}
 	for _, res := range results {
 		if err := res.Wait(ctx); err != nil {
 			log.Fatal(err)
@@ -874,7 +874,7 @@ func ExampleWithMaxBatchSize() {
 
 	var results []*pgstore.Result
 	for i := range 1000 {
-		results = append(results, c.SetAsync(fmt.Sprintf("cars/%d", i), 1, i))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("cars/%d", i), 1, i))
 	}
 	for _, res := range results {
 		if err := res.Wait(ctx); err != nil {
@@ -905,7 +905,7 @@ func ExampleWithBufferLimit() {
 	entry := strings.Repeat("x", 10_000)
 	var results []*pgstore.Result
 	for i := range 500 { // 5 MB in all
-		results = append(results, c.SetAsync(fmt.Sprintf("logs/%d", i), 1, entry))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("logs/%d", i), 1, entry))
 	}
 	for _, res := range results {
 		if err := res.Wait(ctx); err != nil {

@@ -14,3 +14,12 @@ func WithStagingRenewal(d time.Duration) Option {
 		return nil
 	}
 }
+
+// WithMinAttempt sets the least time a flush attempt is given, so that a
+// test of lost answers need not wait out the default.
+func WithMinAttempt(d time.Duration) Option {
+	return func(c *config) error {
+		c.minAttempt = d
+		return nil
+	}
+}

@@ -138,10 +138,10 @@ func waitAll(t testing.TB, results []*pgstore.Result) {
 
 // setMany writes the records table/0 … table/n-1, each holding its number,
 // through SetAsync, and returns their results.
-func setMany(c *pgstore.Connector, table string, n int) []*pgstore.Result {
+func setMany(ctx context.Context, c *pgstore.Connector, table string, n int) []*pgstore.Result {
 	results := make([]*pgstore.Result, n)
 	for i := range results {
-		results[i] = c.SetAsync(fmt.Sprintf("%s/%d", table, i), 1, i)
+		results[i] = c.SetAsync(ctx, fmt.Sprintf("%s/%d", table, i), 1, i)
 	}
 	return results
 }

@@ -101,9 +101,9 @@ func TestFeedQuickSetsOfOneKeyGiveOneEvent(t *testing.T) {
 	f := subscribe(t, c)
 	var results []*pgstore.Result
 	for v := int64(1); v <= 5; v++ {
-		results = append(results, c.SetAsync("t/a", v, v))
+		results = append(results, c.SetAsync(ctx, "t/a", v, v))
 	}
-	results = append(results, c.SetAsync("t/b", 1, 1))
+	results = append(results, c.SetAsync(ctx, "t/b", 1, 1))
 	for _, r := range results {
 		require.NoError(t, r.Wait(ctx))
 	}
@@ -118,8 +118,8 @@ func TestFeedWritesToTwoTablesInOneBatch(t *testing.T) {
 	c := connect(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(4))
 	f := subscribe(t, c)
 	rs := []*pgstore.Result{
-		c.SetAsync("x/1", 1, "x1"), c.SetAsync("y/1", 1, "y1"),
-		c.SetAsync("x/2", 1, "x2"), c.SetAsync("y/2", 1, "y2"),
+		c.SetAsync(ctx, "x/1", 1, "x1"), c.SetAsync(ctx, "y/1", 1, "y1"),
+		c.SetAsync(ctx, "x/2", 1, "x2"), c.SetAsync(ctx, "y/2", 1, "y2"),
 	}
 	for _, r := range rs {
 		require.NoError(t, r.Wait(ctx))
@@ -167,7 +167,7 @@ func TestFeedLargeFlushCoversEveryKey(t *testing.T) {
 	f := subscribe(t, c)
 	results := make([]*pgstore.Result, n)
 	for i := range n {
-		results[i] = c.SetAsync(fmt.Sprintf("big/%d", i), 1, map[string]int{"i": i})
+		results[i] = c.SetAsync(ctx, fmt.Sprintf("big/%d", i), 1, map[string]int{"i": i})
 	}
 	for _, r := range results {
 		require.NoError(t, r.Wait(ctx))
@@ -432,7 +432,7 @@ func TestFeedSurvivesServerOutage(t *testing.T) {
 
 	proxy.Cut()
 	// A write during the outage waits, retrying, for the server.
-	during := c.SetAsync("t/during", 1, 1)
+	during := c.SetAsync(ctx, "t/during", 1, 1)
 	proxy.Restore()
 	require.NoError(t, during.Wait(ctx))
 	e := f.next()
@@ -473,7 +473,7 @@ func TestFeedSlowSubscriberGetsResyncInsteadOfAGap(t *testing.T) {
 	const n = 4000
 	rs := make([]*pgstore.Result, n)
 	for i := range n {
-		rs[i] = c.SetAsync(fmt.Sprintf("t/%d-%s", i, long), 1, i)
+		rs[i] = c.SetAsync(ctx, fmt.Sprintf("t/%d-%s", i, long), 1, i)
 	}
 	for _, r := range rs {
 		require.NoError(t, r.Wait(ctx))
@@ -541,7 +541,7 @@ func TestFeedNoHandlerCallAfterClose(t *testing.T) {
 	require.NoError(t, err)
 	witness := subscribe(t, c, pgstore.ForEvents(pgstore.Insert))
 	for i := range 50 {
-		c.SetAsync(fmt.Sprintf("t/%d", i), 1, i)
+		c.SetAsync(ctx, fmt.Sprintf("t/%d", i), 1, i)
 	}
 	sub.Close()
 	closed.Store(true)
@@ -664,7 +664,7 @@ func TestFeedAFlushOfManyRowsSendsFewNotifications(t *testing.T) {
 
 	results := make([]*pgstore.Result, n)
 	for i := range n {
-		results[i] = c.SetAsync(fmt.Sprintf("many/%d", i), 1, i) // the n-th fills the batch: it flushes
+		results[i] = c.SetAsync(ctx, fmt.Sprintf("many/%d", i), 1, i) // the n-th fills the batch: it flushes
 	}
 	for _, r := range results {
 		require.NoError(t, r.Wait(ctx))

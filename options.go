@@ -22,10 +22,12 @@ type config struct {
 	tablePolicy   func(table string) error
 	logger        *slog.Logger
 	retryTimeout  time.Duration
+	maxValueBytes int
 	events        eventSet
 	eventsChosen  bool // WithEvents was given: existing triggers follow it
 
 	stagingRenewal time.Duration // see defaultStagingRenewal; tests shorten it
+	minAttempt     time.Duration // see minAttemptTime; tests shorten it
 }
 
 // Defaults of the options, as documented on each.
@@ -35,6 +37,8 @@ const (
 	DefaultMaxBatchSize = 5000
 	DefaultBufferLimit  = 64 << 20
 	DefaultRetryTimeout = 30 * time.Second
+	// DefaultMaxValueBytes is the default of WithMaxValueBytes.
+	DefaultMaxValueBytes = 4 << 20
 )
 
 func defaultConfig() config {
@@ -45,8 +49,10 @@ func defaultConfig() config {
 		defaultTable:   DefaultTable,
 		logger:         slog.Default(),
 		retryTimeout:   DefaultRetryTimeout,
+		maxValueBytes:  DefaultMaxValueBytes,
 		events:         allEvents,
 		stagingRenewal: defaultStagingRenewal,
+		minAttempt:     minAttemptTime,
 	}
 }
 
@@ -160,15 +166,33 @@ func WithLogger(logger *slog.Logger) Option {
 	}
 }
 
-// WithRetryTimeout bounds how long a batch that fails for a passing reason
+// WithRetryTimeout bounds how long a write that fails for a passing reason
 // (connection lost, server restarting, serialization failure) is retried with
-// backoff before each of its writes fails with the cause. Defaults to 30s.
+// backoff, counted from when it is due (accepted, plus the write interval):
+// a write fails at most this long, plus one attempt's bound of 5s, after it
+// is due, however many batches wait before it. When the answer to a commit
+// is lost, the same time bounds the search for its outcome (see
+// ErrOutcomeUnknown). Defaults to 30s.
 func WithRetryTimeout(d time.Duration) Option {
 	return func(c *config) error {
 		if d < 0 {
 			return fmt.Errorf("WithRetryTimeout: timeout must not be negative, got %v", d)
 		}
 		c.retryTimeout = d
+		return nil
+	}
+}
+
+// WithMaxValueBytes bounds the size of one record's JSON value, in bytes. A
+// larger value is refused at once with ErrInvalidValue, naming the limit,
+// before it takes memory in the buffer or time on the server. jsonb itself
+// holds at most 255 MiB. Defaults to 4 MiB.
+func WithMaxValueBytes(n int) Option {
+	return func(c *config) error {
+		if n < 1 {
+			return fmt.Errorf("WithMaxValueBytes: limit must be at least 1 byte, got %d", n)
+		}
+		c.maxValueBytes = n
 		return nil
 	}
 }

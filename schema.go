@@ -109,26 +109,42 @@ type table struct {
 	upsertSQL string // of array parameters
 	stagedSQL string // of the rows in the staging table (see writeStaged)
 	deleteSQL string
+	lockSQL   string // of rows both set and deleted by a batch
 }
 
 func newTable(schema, name string, versionGuard bool) *table {
 	ident := pgx.Identifier{schema, name}.Sanitize()
 	insert := "INSERT INTO " + ident + " AS t (id, version, val) "
 	onConflict := " ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
-	if versionGuard {
-		// Rows the guard refuses are missing from RETURNING.
-		onConflict += " WHERE t.version <= excluded.version RETURNING id"
-	}
-	return &table{
+	// In id order, the order every connector locks rows in. COPY wrote
+	// them in that order, but the heap need not give them back so: rows
+	// of different sizes fill the space left on earlier pages.
+	arrays := "SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])"
+	staged := "SELECT id, version, val FROM " + stagingTable.Sanitize() + " ORDER BY id"
+	t := &table{
 		name:      name,
 		getSQL:    "SELECT version, val FROM " + ident + " WHERE id = $1",
-		upsertSQL: insert + "SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])" + onConflict,
-		// In id order, the order every connector locks rows in. COPY wrote
-		// them in that order, but the heap need not give them back so:
-		// rows of different sizes fill the space left on earlier pages.
-		stagedSQL: insert + "SELECT id, version, val FROM " + stagingTable.Sanitize() + " ORDER BY id" + onConflict,
-		deleteSQL: "DELETE FROM " + ident + " WHERE id = ANY($1::text[])",
+		upsertSQL: insert + arrays + onConflict,
+		stagedSQL: insert + staged + onConflict,
+		// Locked in id order, as the upsert locks them: a seq scan or a
+		// bitmap scan would take them in the heap's order.
+		deleteSQL: "DELETE FROM " + ident + " WHERE id IN (SELECT id FROM " + ident + " WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)",
+		lockSQL:   "SELECT 1 FROM " + ident + " WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
 	}
+	if versionGuard {
+		// The statement returns the ids the guard refused, and records
+		// them under the attempt's token, so that a batch whose answer is
+		// lost still tells which of its sets were refused.
+		guarded := func(source, sent, token, tbl string) string {
+			return "WITH written AS (" + insert + source + onConflict + " WHERE t.version <= excluded.version RETURNING t.id), " +
+				"refused AS (INSERT INTO " + pgx.Identifier{schema, refusedTable}.Sanitize() + " (token, tbl, id) " +
+				"SELECT " + token + "::uuid, " + tbl + "::text, s.id FROM " + sent + " WHERE s.id COLLATE \"C\" NOT IN (SELECT id FROM written) RETURNING id) " +
+				"SELECT id FROM refused"
+		}
+		t.upsertSQL = guarded(arrays, "unnest($1::text[]) s(id)", "$4", "$5")
+		t.stagedSQL = guarded(staged, stagingTable.Sanitize()+" s", "$1", "$2")
+	}
+	return t
 }
 
 // ddlLock serialises pgstore's DDL on one schema across every connector and
@@ -199,6 +215,17 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 			return fmt.Errorf("create schema %q: %w", schema, err)
 		}
 	}
+	err = tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND tablename = $2)", schema, refusedTable).Scan(&exists)
+	if err != nil {
+		return err
+	}
+	if !exists {
+		for _, stmt := range markerTablesSQL(schema) {
+			if _, err := tx.Exec(ctx, stmt); err != nil {
+				return fmt.Errorf("create pgstore's commit markers in %q: %w", schema, err)
+			}
+		}
+	}
 	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 		WHERE n.nspname = $1 AND p.proname = $2)`, schema, notifyFunction).Scan(&exists)
 	if err != nil || exists {
@@ -216,7 +243,15 @@ func prepareSchema(ctx context.Context, db beginner, schema string) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
 		}
-		return setupSchema(ctx, tx, schema)
+		if err := setupSchema(ctx, tx, schema); err != nil {
+			return err
+		}
+		for _, stmt := range sweepMarkersSQL(schema) {
+			if _, err := tx.Exec(ctx, stmt); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 

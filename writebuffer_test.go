@@ -83,7 +83,7 @@ func TestStoredValuesAreCopiesOfTheCallersBytes(t *testing.T) {
 
 	raw := json.RawMessage(`{"n": 1}`)
 	bytesValue := []byte(`{"n": 1}`)
-	results := []*pgstore.Result{c.SetAsync("copy/raw", 1, raw), c.SetAsync("copy/bytes", 1, bytesValue)}
+	results := []*pgstore.Result{c.SetAsync(ctx, "copy/raw", 1, raw), c.SetAsync(ctx, "copy/bytes", 1, bytesValue)}
 	// The caller reuses its buffers while the writes wait in the buffer.
 	copy(raw, `{"n": 2}`)
 	copy(bytesValue, `{"n": 2}`)
@@ -142,7 +142,7 @@ func TestValuesThatJSONBCannotHoldAreRefusedWithErrInvalidValue(t *testing.T) {
 				err := c.Set(ctx, key, 1, tc.value)
 				require.ErrorIs(t, err, pgstore.ErrInvalidValue)
 				require.ErrorContains(t, err, tc.want)
-				err = c.SetAsync(key, 1, tc.value).Wait(ctx)
+				err = c.SetAsync(ctx, key, 1, tc.value).Wait(ctx)
 				require.ErrorIs(t, err, pgstore.ErrInvalidValue, "SetAsync reports it as well")
 				requireNotFound(t, c, key)
 			})
@@ -169,7 +169,7 @@ func TestTheVersionGuardRefusesNegativeVersions(t *testing.T) {
 	c, schema := connectNamed(t, pgstore.WithVersionGuard(true))
 	err := c.Set(ctx, "guard/neg", -1, "v")
 	require.ErrorContains(t, err, "negative")
-	require.Error(t, c.SetAsync("guard/neg", -1, "v").Wait(ctx))
+	require.Error(t, c.SetAsync(ctx, "guard/neg", -1, "v").Wait(ctx))
 	require.False(t, tableExists(t, c, schema, "guard"))
 
 	require.NoError(t, c.Set(ctx, "guard/neg", 0, "zero"), "0 is the lowest version allowed")
@@ -179,6 +179,7 @@ func TestTheVersionGuardRefusesNegativeVersions(t *testing.T) {
 // ---- Order of writes ----
 
 func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	t.Run("one after the other", func(t *testing.T) {
 		t.Parallel()
@@ -193,8 +194,8 @@ func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
 		schema := pgtest.Schema(t)
 		c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
 		results := []*pgstore.Result{
-			c.SetAsync("order/k", 5, "five"),
-			c.SetAsync("order/k", 3, "three"),
+			c.SetAsync(ctx, "order/k", 5, "five"),
+			c.SetAsync(ctx, "order/k", 3, "three"),
 		}
 		requireRecord(t, c, "order/k", 3, `"three"`)
 		closeNow(t, c)
@@ -204,6 +205,7 @@ func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
 }
 
 func TestADeleteRightAfterASetDeletes(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	t.Run("group commit", func(t *testing.T) {
 		t.Parallel()
@@ -211,7 +213,7 @@ func TestADeleteRightAfterASetDeletes(t *testing.T) {
 		require.NoError(t, c.Set(testCtx(t), "del/other", 1, "stays"))
 		for i := range 20 {
 			key := fmt.Sprintf("del/k%d", i)
-			waitAll(t, []*pgstore.Result{c.SetAsync(key, 1, "gone"), c.DeleteAsync(key)})
+			waitAll(t, []*pgstore.Result{c.SetAsync(ctx, key, 1, "gone"), c.DeleteAsync(ctx, key)})
 			requireNotFound(t, c, key)
 			_, _, found := storedRow(t, c, schema, "del", fmt.Sprintf("k%d", i))
 			require.False(t, found, "the flush must not undo the delete of %q", key)
@@ -225,7 +227,7 @@ func TestADeleteRightAfterASetDeletes(t *testing.T) {
 		require.NoError(t, stored.Set(testCtx(t), "del/k", 1, "old"))
 
 		c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
-		results := []*pgstore.Result{c.SetAsync("del/k", 2, "new"), c.DeleteAsync("del/k")}
+		results := []*pgstore.Result{c.SetAsync(ctx, "del/k", 2, "new"), c.DeleteAsync(ctx, "del/k")}
 		requireNotFound(t, c, "del/k")
 		closeNow(t, c)
 		waitAll(t, results)
@@ -262,13 +264,14 @@ func TestDeletesFromAnotherNodesTableLookItUpOnce(t *testing.T) {
 }
 
 func TestASetRightAfterADeleteSets(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	schema := pgtest.Schema(t)
 	stored := connectSchema(t, schema)
 	require.NoError(t, stored.Set(testCtx(t), "del/k", 1, "old"))
 
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
-	results := []*pgstore.Result{c.DeleteAsync("del/k"), c.SetAsync("del/k", 2, "new")}
+	results := []*pgstore.Result{c.DeleteAsync(ctx, "del/k"), c.SetAsync(ctx, "del/k", 2, "new")}
 	requireRecord(t, c, "del/k", 2, `"new"`)
 	closeNow(t, c)
 	waitAll(t, results)
@@ -280,19 +283,20 @@ func TestASetRightAfterADeleteSets(t *testing.T) {
 }
 
 func TestGetSeesBufferedWrites(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
 
-	results := []*pgstore.Result{c.SetAsync("buf/k", 1, "one")}
+	results := []*pgstore.Result{c.SetAsync(ctx, "buf/k", 1, "one")}
 	requireRecord(t, c, "buf/k", 1, `"one"`)
 	require.False(t, tableExists(t, c, schema, "buf"), "the write must still be buffered")
 
-	results = append(results, c.SetAsync("buf/k", 2, "two"))
+	results = append(results, c.SetAsync(ctx, "buf/k", 2, "two"))
 	requireRecord(t, c, "buf/k", 2, `"two"`)
-	results = append(results, c.DeleteAsync("buf/k"))
+	results = append(results, c.DeleteAsync(ctx, "buf/k"))
 	requireNotFound(t, c, "buf/k")
-	results = append(results, c.SetAsync("buf/k", 3, "three"))
+	results = append(results, c.SetAsync(ctx, "buf/k", 3, "three"))
 	requireRecord(t, c, "buf/k", 3, `"three"`)
 	require.False(t, tableExists(t, c, schema, "buf"))
 
@@ -302,13 +306,14 @@ func TestGetSeesBufferedWrites(t *testing.T) {
 }
 
 func TestCloseFlushesEveryAcceptedWrite(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(64))
 	const n = 1000
 	var results []*pgstore.Result
 	for i := range n {
-		results = append(results, c.SetAsync(fmt.Sprintf("flush/%d", i), int64(i), map[string]int{"i": i}))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("flush/%d", i), int64(i), map[string]int{"i": i}))
 	}
 	closeNow(t, c)
 	waitAll(t, results)
@@ -342,7 +347,7 @@ func TestManyWritesToOneKeyCoalesceIntoOneRowWrite(t *testing.T) {
 	const n = 1000
 	var results []*pgstore.Result
 	for i := range n {
-		results = append(results, c.SetAsync("hot/k", int64(i), map[string]int{"i": i}))
+		results = append(results, c.SetAsync(ctx, "hot/k", int64(i), map[string]int{"i": i}))
 	}
 	closeNow(t, c)
 	waitAll(t, results) // every coalesced write reports the outcome of the one written
@@ -364,11 +369,11 @@ func TestTheVersionGuardRefusesAnOlderVersionAndKeepsTheRestOfTheBatch(t *testin
 	require.NoError(t, stored.Set(ctx, "g/d", 10, "d10"))
 
 	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
-	older := c.SetAsync("g/a", 5, "a5")
+	older := c.SetAsync(ctx, "g/a", 5, "a5")
 	others := []*pgstore.Result{
-		c.SetAsync("g/b", 11, "b11"),
-		c.SetAsync("g/c", 1, "c1"),
-		c.SetAsync("g/d", 10, "d10 again"), // an equal version goes through
+		c.SetAsync(ctx, "g/b", 11, "b11"),
+		c.SetAsync(ctx, "g/c", 1, "c1"),
+		c.SetAsync(ctx, "g/d", 10, "d10 again"), // an equal version goes through
 	}
 	closeNow(t, c)
 
@@ -397,16 +402,17 @@ func TestTheVersionGuardAcceptsAnEqualVersionAndRefusesAnOlderOne(t *testing.T) 
 }
 
 func TestTheVersionGuardRefusesAVersionOlderThanABufferedOneAtOnce(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
-	newer := c.SetAsync("g/k", 5, "five")
+	newer := c.SetAsync(ctx, "g/k", 5, "five")
 
 	// Nothing is flushed for an hour: only a refusal in the buffer itself
 	// can complete this Result before ctx ends.
 	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
 	defer cancel()
-	require.ErrorIs(t, c.SetAsync("g/k", 3, "three").Wait(ctx), pgstore.ErrVersionConflict)
+	require.ErrorIs(t, c.SetAsync(ctx, "g/k", 3, "three").Wait(ctx), pgstore.ErrVersionConflict)
 	requireRecord(t, c, "g/k", 5, `"five"`)
 
 	closeNow(t, c)
@@ -433,8 +439,8 @@ func TestTheVersionGuardLetsARecordBeRecreatedAfterADelete(t *testing.T) {
 		require.NoError(t, stored.Set(ctx, "g/k", 10, "old"))
 
 		c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
-		del := c.DeleteAsync("g/k")
-		set := c.SetAsync("g/k", 1, "recreated")
+		del := c.DeleteAsync(ctx, "g/k")
+		set := c.SetAsync(ctx, "g/k", 1, "recreated")
 		requireRecord(t, c, "g/k", 1, `"recreated"`)
 		closeNow(t, c)
 		require.NoError(t, del.Wait(ctx), "the delete")
@@ -446,11 +452,12 @@ func TestTheVersionGuardLetsARecordBeRecreatedAfterADelete(t *testing.T) {
 // ---- Batches and the buffer limit ----
 
 func TestAFullBatchIsFlushedWithoutWaitingForTheInterval(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10))
 	var results []*pgstore.Result
 	for i := range 10 {
-		results = append(results, c.SetAsync(fmt.Sprintf("full/%d", i), int64(i), i))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("full/%d", i), int64(i), i))
 	}
 	// Only a flush of the full batch can complete these within the hour.
 	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
@@ -462,11 +469,12 @@ func TestAFullBatchIsFlushedWithoutWaitingForTheInterval(t *testing.T) {
 }
 
 func TestAThousandWritesInBatchesOfTenAreAllCommitted(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	c, schema := connectNamed(t, pgstore.WithMaxBatchSize(10))
 	var results []*pgstore.Result
 	for i := range 1000 {
-		results = append(results, c.SetAsync(fmt.Sprintf("small/%d", i), int64(i), map[string]int{"i": i}))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("small/%d", i), int64(i), map[string]int{"i": i}))
 	}
 	waitAll(t, results)
 	require.EqualValues(t, 1000, rowCount(t, c, schema, "small"))
@@ -505,7 +513,7 @@ func TestAFullBufferMakesWritersWaitAndIsFlushedEarly(t *testing.T) {
 	// without waiting for the interval. 20 KB go through the 4 KiB buffer.
 	var late []*pgstore.Result
 	for i := range 20 {
-		late = append(late, c.SetAsync(fmt.Sprintf("limit/late-%d", i), 1, value))
+		late = append(late, c.SetAsync(ctx, fmt.Sprintf("limit/late-%d", i), 1, value))
 	}
 	requireNotFound(t, c, refused)
 
@@ -520,12 +528,13 @@ func TestAFullBufferMakesWritersWaitAndIsFlushedEarly(t *testing.T) {
 }
 
 func TestASmallBufferWithGroupCommitTakesEveryWrite(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	c, schema := connectNamed(t, pgstore.WithBufferLimit(4096))
 	const n = 5000
 	results := make([]*pgstore.Result, 0, n)
 	for i := range n {
-		results = append(results, c.SetAsync(fmt.Sprintf("tight/%d", i), int64(i), map[string]int{"i": i}))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("tight/%d", i), int64(i), map[string]int{"i": i}))
 	}
 	waitAll(t, results)
 	require.EqualValues(t, n, rowCount(t, c, schema, "tight"))
@@ -556,13 +565,13 @@ func TestABadRecordFailsItsOwnWriteNotItsNeighbours(t *testing.T) {
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
 	var good []*pgstore.Result
 	for i := range 5 {
-		good = append(good, c.SetAsync(fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
+		good = append(good, c.SetAsync(ctx, fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
 	}
-	badResult := c.SetAsync("n/bad", 1, bad)
+	badResult := c.SetAsync(ctx, "n/bad", 1, bad)
 	for i := 5; i < 10; i++ {
-		good = append(good, c.SetAsync(fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
+		good = append(good, c.SetAsync(ctx, fmt.Sprintf("n/good%d", i), int64(i), map[string]int{"n": i}))
 	}
-	good = append(good, c.SetAsync("other/x", 1, "neighbour table"), c.DeleteAsync("n/never-there"))
+	good = append(good, c.SetAsync(ctx, "other/x", 1, "neighbour table"), c.DeleteAsync(ctx, "n/never-there"))
 	closeNow(t, c)
 
 	err = badResult.Wait(ctx)
@@ -581,13 +590,14 @@ func TestABadRecordFailsItsOwnWriteNotItsNeighbours(t *testing.T) {
 // ---- Volume ----
 
 func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	c, schema := connectNamed(t)
 	const n = 20_000
 	start := time.Now()
 	results := make([]*pgstore.Result, n)
 	for i := range n {
-		results[i] = c.SetAsync(fmt.Sprintf("bulk/%d", i), int64(i), map[string]int{"i": i})
+		results[i] = c.SetAsync(ctx, fmt.Sprintf("bulk/%d", i), int64(i), map[string]int{"i": i})
 	}
 	waitAll(t, results)
 	t.Logf("%d SetAsync calls committed in %v", n, time.Since(start))
@@ -598,14 +608,15 @@ func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) 
 
 // deepstream flushed concurrently, so an older value could land last.
 func TestFlushesInOrderSoAStaleValueNeverWins(t *testing.T) {
+	ctx := testCtx(t)
 	t.Parallel()
 	schema := pgtest.Schema(t)
 	// Batches of one record: every write to the hot key is its own flush.
 	c := connectSchema(t, schema, pgstore.WithMaxBatchSize(1))
 	var results []*pgstore.Result
 	for v := int64(1); v <= 300; v++ {
-		results = append(results, c.SetAsync("hot/k", v, v))
-		results = append(results, c.SetAsync(fmt.Sprintf("hot/other-%d", v), v, v))
+		results = append(results, c.SetAsync(ctx, "hot/k", v, v))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("hot/other-%d", v), v, v))
 	}
 	waitAll(t, results)
 	fresh := connectSchema(t, schema) // reads the table, not a buffer
@@ -711,13 +722,13 @@ func TestLargeBatchesAreCopiedAndLandWithTheirNeighbours(t *testing.T) {
 	var results []*pgstore.Result
 	for i := range n {
 		results = append(results,
-			c.SetAsync(fmt.Sprintf("big/k%05d", i), 2, map[string]int{"big": i}),
-			c.SetAsync(fmt.Sprintf("second/s%05d", i), 3, map[string]int{"second": i}))
+			c.SetAsync(ctx, fmt.Sprintf("big/k%05d", i), 2, map[string]int{"big": i}),
+			c.SetAsync(ctx, fmt.Sprintf("second/s%05d", i), 3, map[string]int{"second": i}))
 	}
 	for i := range 10 {
-		results = append(results, c.DeleteAsync(fmt.Sprintf("big/old%d", i)))
+		results = append(results, c.DeleteAsync(ctx, fmt.Sprintf("big/old%d", i)))
 	}
-	results = append(results, c.SetAsync("small/a", 1, "few"), c.SetAsync("small/b", 1, "rows"))
+	results = append(results, c.SetAsync(ctx, "small/a", 1, "few"), c.SetAsync(ctx, "small/b", 1, "rows"))
 	require.Len(t, results, size)
 	waitAll(t, results)
 	require.Equal(t, 1, len(counter.copies), "every COPY went into the staging table: %v", counter.copies)
@@ -736,7 +747,7 @@ func TestLargeBatchesAreCopiedAndLandWithTheirNeighbours(t *testing.T) {
 	// staging table.
 	results = results[:0]
 	for i := range size {
-		results = append(results, c.SetAsync(fmt.Sprintf("third/t%05d", i), 4, i))
+		results = append(results, c.SetAsync(ctx, fmt.Sprintf("third/t%05d", i), 4, i))
 	}
 	waitAll(t, results)
 	require.Equal(t, 3, counter.staged())
@@ -756,7 +767,7 @@ func TestTheVersionGuardHoldsInACopiedBatch(t *testing.T) {
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
 	results := make([]*pgstore.Result, pgstore.StageMinRows)
 	for i := range results {
-		results[i] = c.SetAsync(fmt.Sprintf("g/k%05d", i), 5, "older")
+		results[i] = c.SetAsync(ctx, fmt.Sprintf("g/k%05d", i), 5, "older")
 	}
 	closeNow(t, c)
 	require.Equal(t, 1, counter.staged())
@@ -780,9 +791,9 @@ func TestABadRecordInACopiedBatchFailsOnlyItself(t *testing.T) {
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10*pgstore.StageMinRows))
 	var good []*pgstore.Result
 	for i := range pgstore.StageMinRows {
-		good = append(good, c.SetAsync(fmt.Sprintf("n/k%05d", i), 1, i))
+		good = append(good, c.SetAsync(ctx, fmt.Sprintf("n/k%05d", i), 1, i))
 	}
-	bad := c.SetAsync("n/bad", 1, json.RawMessage(`{"n": 1e1000000}`)) // beyond jsonb's numeric
+	bad := c.SetAsync(ctx, "n/bad", 1, json.RawMessage(`{"n": 1e1000000}`)) // beyond jsonb's numeric
 	closeNow(t, c)
 	require.Equal(t, 1, counter.staged())
 
@@ -811,10 +822,10 @@ func TestATableRefusedForPrivilegeDoesNotStopCopying(t *testing.T) {
 
 	c, counter := connectCounted(t, pgtest.URL(t), schema,
 		pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(pgstore.StageMinRows))
-	for _, r := range setMany(c, "guarded", pgstore.StageMinRows) { // one full batch
+	for _, r := range setMany(ctx, c, "guarded", pgstore.StageMinRows) { // one full batch
 		require.ErrorContains(t, r.Wait(ctx), "no writes here")
 	}
-	waitAll(t, setMany(c, "open", pgstore.StageMinRows))
+	waitAll(t, setMany(ctx, c, "open", pgstore.StageMinRows))
 	require.Equal(t, 2, counter.staged())
 	require.EqualValues(t, pgstore.StageMinRows, rowCount(t, setup, schema, "open"))
 }
@@ -828,7 +839,7 @@ func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
 	ctx := testCtx(t)
 	const burnt = 1000
 	stagingAge := func(c *pgstore.Connector) int64 {
-		waitAll(t, setMany(c, "first", pgstore.StageMinRows)) // one full batch
+		waitAll(t, setMany(ctx, c, "first", pgstore.StageMinRows)) // one full batch
 		conn, err := pgx.Connect(ctx, pgtest.URL(t))
 		require.NoError(t, err)
 		defer conn.Close(ctx)
@@ -836,7 +847,7 @@ func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
 			_, err := conn.Exec(ctx, "SELECT txid_current()") // one transaction id each
 			require.NoError(t, err)
 		}
-		waitAll(t, setMany(c, "second", pgstore.StageMinRows))
+		waitAll(t, setMany(ctx, c, "second", pgstore.StageMinRows))
 		// The connector's pool has one connection: pg_temp is its session's.
 		return queryInt(t, c, "SELECT age(relfrozenxid) FROM pg_class WHERE oid = 'pg_temp.pgstore_staging'::regclass")
 	}
@@ -863,7 +874,7 @@ func TestNodesWritingTheSameKeysInOppositeOrdersDoNotDeadlock(t *testing.T) {
 			ctx := testCtx(t)
 			schema := pgtest.Schema(t)
 			setup := connectSchema(t, schema)
-			waitAll(t, append(setMany(setup, "a", n), setMany(setup, "b", n)...))
+			waitAll(t, append(setMany(ctx, setup, "a", n), setMany(ctx, setup, "b", n)...))
 
 			var logs syncBuffer
 			logger := pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil)))
@@ -883,7 +894,7 @@ func TestNodesWritingTheSameKeysInOppositeOrdersDoNotDeadlock(t *testing.T) {
 								i = n - 1 - i
 							}
 							for _, table := range tables {
-								results = append(results, c.SetAsync(fmt.Sprintf("%s/%d", table, i), int64(round), node))
+								results = append(results, c.SetAsync(ctx, fmt.Sprintf("%s/%d", table, i), int64(round), node))
 							}
 						}
 						for _, r := range results { // a full batch: flushed at once

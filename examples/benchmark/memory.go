@@ -82,7 +82,7 @@ func memoryFigure(ctx context.Context, e *env) error {
 			}
 			buf = appendValue(buf[:0], i, 1, e.s.valueBytes)
 			key = strconv.AppendInt(append(key[:0], table+"/m"...), int64(i), 10)
-			last = c.SetAsync(string(key), 1, json.RawMessage(buf))
+			last = c.SetAsync(ctx, string(key), 1, json.RawMessage(buf))
 		}
 		if err := last.Wait(ctx); err != nil {
 			return fmt.Errorf("pgstore: %w", err)

@@ -102,7 +102,7 @@ func (c *store) setAsyncAll(ctx context.Context, keys []string, vals []json.RawM
 	flushes := c.batches.n.Load()
 	start := time.Now()
 	for i, k := range keys {
-		results[i] = c.SetAsync(k, version, vals[i])
+		results[i] = c.SetAsync(ctx, k, version, vals[i])
 	}
 	for _, r := range results {
 		if err := r.Wait(ctx); err != nil {

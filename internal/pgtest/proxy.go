@@ -8,7 +8,9 @@ import (
 )
 
 // A Proxy forwards TCP connections to the test server, and can cut them all
-// and refuse new ones, as a restarting server or a broken network would.
+// and refuse new ones, as a restarting server or a broken network would, or
+// hold the bytes of the connections open now while new ones pass, as a
+// partition that strands one socket does.
 type Proxy struct {
 	target string
 	ln     net.Listener
@@ -16,7 +18,13 @@ type Proxy struct {
 	down   bool
 	thaw   chan struct{} // while frozen: closed by Restore
 	conns  map[net.Conn]struct{}
+	links  []*link
 	wg     sync.WaitGroup
+}
+
+// A link is one client connection and its server connection.
+type link struct {
+	holdRequests, holdReplies chan struct{} // while held: closed by Release
 }
 
 // NewProxy starts a proxy to the test server on a loopback port and returns
@@ -61,24 +69,32 @@ func (p *Proxy) accept() {
 		}
 		p.conns[client] = struct{}{}
 		p.conns[server] = struct{}{}
+		l := &link{}
+		p.links = append(p.links, l)
 		p.wg.Add(2)
-		go p.pipe(client, server)
-		go p.pipe(server, client)
+		go p.pipe(client, server, l, false)
+		go p.pipe(server, client, l, true)
 		p.mu.Unlock()
 	}
 }
 
-func (p *Proxy) pipe(dst, src net.Conn) {
+func (p *Proxy) pipe(dst, src net.Conn, l *link, toServer bool) {
 	defer p.wg.Done()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
 			p.mu.Lock()
-			thaw := p.thaw
+			thaw, held := p.thaw, l.holdReplies
+			if toServer {
+				held = l.holdRequests
+			}
 			p.mu.Unlock()
 			if thaw != nil {
 				<-thaw // frozen: hold the bytes, as a lost network would
+			}
+			if held != nil {
+				<-held // and what follows stays in the socket, in order
 			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				break
@@ -128,7 +144,53 @@ func (p *Proxy) Freeze() {
 	}
 }
 
+// HoldRequests holds what the connections open now send to the server,
+// until Release; new connections pass. A client that gives up and closes
+// its socket still has what it sent delivered on Release, as a kernel
+// delivers an orphaned socket's data late.
+func (p *Proxy) HoldRequests() { p.hold(true) }
+
+// HoldReplies holds what the server sends to the connections open now,
+// until Release; new connections pass. The server runs what it is sent,
+// and its answers are lost to a client that gives up.
+func (p *Proxy) HoldReplies() { p.hold(false) }
+
+func (p *Proxy) hold(requests bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.links {
+		if requests && l.holdRequests == nil {
+			l.holdRequests = make(chan struct{})
+		} else if !requests && l.holdReplies == nil {
+			l.holdReplies = make(chan struct{})
+		}
+	}
+}
+
+// Release delivers what HoldRequests and HoldReplies held.
+func (p *Proxy) Release() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.links {
+		for _, ch := range []*chan struct{}{&l.holdRequests, &l.holdReplies} {
+			if *ch != nil {
+				close(*ch)
+				*ch = nil
+			}
+		}
+	}
+}
+
+// Refuse refuses new connections until Restore, leaving open ones as they
+// are.
+func (p *Proxy) Refuse() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = true
+}
+
 func (p *Proxy) close() {
+	p.Release()
 	p.ln.Close()
 	p.Restore()
 	p.Cut()

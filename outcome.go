@@ -1,0 +1,238 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgstore/pgstore/internal/backoff"
+	"github.com/pgstore/pgstore/internal/writebuf"
+)
+
+// A lost commit reply must be resolved, not guessed: re-applying a batch
+// that did commit can revert another node's newer write, and a batch held
+// up on the network (its bytes delayed in a partition) can commit after a
+// later write to the same keys. So every attempt inserts a token into the
+// schema's "pgstore/commits" table, first thing in its transaction, and
+// when its answer is lost:
+//
+//  1. its backend is ended with pg_terminate_backend (a role may end its
+//     own sessions) and seen gone, so that whatever it was doing is rolled
+//     back and nothing more reaches it;
+//  2. the token is claimed by a new transaction. If the token is there
+//     already, the attempt committed. If the claim commits, the attempt did
+//     not, and never can: were its bytes to arrive after all, its own
+//     insert of the token would fail and take the transaction with it.
+//
+// Step 2 alone fences an attempt that has not started; step 1 ends one that
+// holds the token uncommitted, which would otherwise make the claim wait,
+// and one behind a pooler (where the backend is not known) relies on step
+// 2 and the claim's lock timeout. Tokens of settled attempts are deleted by
+// the next batch's transaction, so the table holds a handful of rows.
+
+// Names of pgstore's own tables in the schema. A record table's name never
+// holds a "/", so these can never be a record table's.
+const (
+	commitsTable = "pgstore/commits"
+	refusedTable = "pgstore/refused"
+)
+
+// markerTablesSQL creates the tables of commit markers and of the ids the
+// version guard refused in a committed batch.
+func markerTablesSQL(schema string) []string {
+	commits := pgx.Identifier{schema, commitsTable}.Sanitize()
+	refused := pgx.Identifier{schema, refusedTable}.Sanitize()
+	return []string{
+		"CREATE TABLE IF NOT EXISTS " + commits + " (token uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())",
+		"CREATE TABLE IF NOT EXISTS " + refused + " (token uuid NOT NULL, tbl text NOT NULL, id text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"pgstore/refused_token"}.Sanitize() + " ON " + refused + " (token)",
+	}
+}
+
+// markerSweepAge is how old a marker left behind (by a process that ended
+// before its next batch) must be for a new connector to delete it.
+const markerSweepAge = "1 day"
+
+func sweepMarkersSQL(schema string) []string {
+	return []string{
+		"DELETE FROM " + pgx.Identifier{schema, commitsTable}.Sanitize() + " WHERE at < now() - interval '" + markerSweepAge + "'",
+		"DELETE FROM " + pgx.Identifier{schema, refusedTable}.Sanitize() + " WHERE at < now() - interval '" + markerSweepAge + "'",
+	}
+}
+
+// sqlSink is the Connector as the write buffer's Sink. The buffer calls it
+// from one goroutine.
+type sqlSink struct {
+	c     *Connector
+	token string // of the attempt being made
+	// lost is the attempt whose answer was lost, until Resolve settles it.
+	lost *lostAttempt
+	// abandoned are attempts whose outcome nobody waits for any more (the
+	// buffer gave up on them, or they never sent their commit): each is
+	// fenced before the next batch goes out.
+	abandoned []lostAttempt
+	// spent are tokens of settled attempts, deleted by the next batch.
+	spent []string
+}
+
+type lostAttempt struct {
+	batch   *writebuf.Batch
+	token   string
+	backend backend
+}
+
+// backend identifies a server process; the zero value is none known.
+type backend struct {
+	pid   int32
+	start time.Time
+}
+
+// backendKey is the key, in a connection's CustomData, of its backend.
+const backendKey = "pgstore.backend"
+
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])  // never fails
+	b[6] = b[6]&0x0f | 0x40 // a version 4 UUID
+	b[8] = b[8]&0x3f | 0x80
+	return hex.EncodeToString(b[:])
+}
+
+// queueMarker queues the insert of the attempt's token, which also deletes
+// the tokens of settled attempts.
+func (s *sqlSink) queueMarker(pb *pgx.Batch, token string) {
+	schema := s.c.cfg.schema
+	commits := pgx.Identifier{schema, commitsTable}.Sanitize()
+	if len(s.spent) == 0 {
+		pb.Queue("INSERT INTO "+commits+" (token) VALUES ($1::uuid)", token)
+		return
+	}
+	sql := "WITH spent AS (DELETE FROM " + commits + " WHERE token = ANY($2::uuid[]))"
+	if s.c.cfg.versionGuard {
+		sql += ", refused AS (DELETE FROM " + pgx.Identifier{schema, refusedTable}.Sanitize() + " WHERE token = ANY($2::uuid[]))"
+	}
+	pb.Queue(sql+" INSERT INTO "+commits+" (token) VALUES ($1::uuid)", token, s.spent)
+}
+
+// committed records that the attempt with token committed, and with it the
+// deletion of the tokens it carried.
+func (s *sqlSink) committed(token string) {
+	s.spent = append(s.spent[:0], token)
+}
+
+// Resolve finds out whether the lost attempt at b committed.
+func (s *sqlSink) Resolve(ctx context.Context, b *writebuf.Batch) (bool, error) {
+	a := s.lost
+	if a == nil || a.batch != b {
+		return false, fmt.Errorf("pgstore: internal error: no lost attempt of this batch to resolve")
+	}
+	committed, err := s.fence(ctx, *a)
+	if err != nil {
+		return false, err
+	}
+	if committed && s.c.cfg.versionGuard {
+		if err := s.readRefused(ctx, b, a.token); err != nil {
+			return false, err
+		}
+	}
+	s.lost = nil
+	s.spent = append(s.spent, a.token)
+	return committed, nil
+}
+
+// fenceAbandoned fences the attempts nobody waits for any more, before b
+// goes out.
+func (s *sqlSink) fenceAbandoned(ctx context.Context, b *writebuf.Batch) error {
+	if s.lost != nil && s.lost.batch != b {
+		s.abandoned = append(s.abandoned, *s.lost)
+		s.lost = nil
+	}
+	for len(s.abandoned) > 0 {
+		a := s.abandoned[0]
+		if _, err := s.fence(ctx, a); err != nil {
+			return err
+		}
+		s.abandoned = s.abandoned[1:]
+		s.spent = append(s.spent, a.token)
+	}
+	return nil
+}
+
+// claimLockTimeout bounds how long a claim waits for an attempt that holds
+// the token uncommitted and could not be ended.
+const claimLockTimeout = "1s"
+
+// fence makes sure that attempt a can no longer commit, and reports whether
+// it did.
+func (s *sqlSink) fence(ctx context.Context, a lostAttempt) (committed bool, err error) {
+	if a.backend.pid != 0 {
+		if err := s.endBackend(ctx, a.backend); err != nil {
+			return false, err
+		}
+	}
+	commits := pgx.Identifier{s.c.cfg.schema, commitsTable}.Sanitize()
+	var claimed bool
+	err = pgx.BeginFunc(ctx, s.c.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '"+claimLockTimeout+"'"); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, "INSERT INTO "+commits+" (token) VALUES ($1::uuid) ON CONFLICT DO NOTHING", a.token)
+		claimed = tag.RowsAffected() == 1
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("claim the marker of the batch: %w", err)
+	}
+	return !claimed, nil
+}
+
+// endBackend terminates a server process of ours, if it still runs, and
+// waits until it is gone.
+func (s *sqlSink) endBackend(ctx context.Context, be backend) error {
+	_, err := s.c.pool.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
+		be.pid, be.start)
+	if err != nil {
+		return fmt.Errorf("end the backend of the batch (pid %d): %w", be.pid, err)
+	}
+	wait := backoff.Backoff{Min: 2 * time.Millisecond, Max: 100 * time.Millisecond}
+	for {
+		var alive bool
+		err := s.c.pool.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2)",
+			be.pid, be.start).Scan(&alive)
+		if err != nil {
+			return fmt.Errorf("see the backend of the batch (pid %d) gone: %w", be.pid, err)
+		}
+		if !alive {
+			return nil
+		}
+		if !backoff.Sleep(ctx, wait.Next()) {
+			return fmt.Errorf("see the backend of the batch (pid %d) gone: %w", be.pid, ctx.Err())
+		}
+	}
+}
+
+// readRefused gives the sets of a committed batch that the version guard
+// kept out their error, from what the batch recorded under its token.
+func (s *sqlSink) readRefused(ctx context.Context, b *writebuf.Batch, token string) error {
+	rows, err := s.c.pool.Query(ctx, "SELECT tbl, id FROM "+pgx.Identifier{s.c.cfg.schema, refusedTable}.Sanitize()+" WHERE token = $1::uuid", token)
+	if err != nil {
+		return fmt.Errorf("read what the version guard refused: %w", err)
+	}
+	refused := make(map[string][]string)
+	var tbl, id string
+	_, err = pgx.ForEachRow(rows, []any{&tbl, &id}, func() error {
+		refused[tbl] = append(refused[tbl], id)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("read what the version guard refused: %w", err)
+	}
+	for _, wt := range b.Tables {
+		s.tableBatch(wt).markRefused(refused[wt.Name])
+	}
+	return nil
+}
