@@ -130,12 +130,17 @@ func (s *sqlSink) Resolve(ctx context.Context, b *writebuf.Batch) (bool, error) 
 	if a == nil || a.batch != b {
 		return false, fmt.Errorf("pgstore: internal error: no lost attempt of this batch to resolve")
 	}
-	committed, err := s.fence(ctx, *a)
+	conn, err := s.connectAside(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close(context.Background())
+	committed, err := s.fence(ctx, conn, *a)
 	if err != nil {
 		return false, err
 	}
 	if committed && s.c.cfg.versionGuard {
-		if err := s.readRefused(ctx, b, a.token); err != nil {
+		if err := s.readRefused(ctx, conn, b, a.token); err != nil {
 			return false, err
 		}
 	}
@@ -151,9 +156,17 @@ func (s *sqlSink) fenceAbandoned(ctx context.Context, b *writebuf.Batch) error {
 		s.abandoned = append(s.abandoned, *s.lost)
 		s.lost = nil
 	}
+	if len(s.abandoned) == 0 {
+		return nil
+	}
+	conn, err := s.connectAside(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
 	for len(s.abandoned) > 0 {
 		a := s.abandoned[0]
-		if _, err := s.fence(ctx, a); err != nil {
+		if _, err := s.fence(ctx, conn, a); err != nil {
 			return err
 		}
 		s.abandoned = s.abandoned[1:]
@@ -162,21 +175,32 @@ func (s *sqlSink) fenceAbandoned(ctx context.Context, b *writebuf.Batch) error {
 	return nil
 }
 
+// connectAside opens a connection of its own for fencing: the pool may be
+// full of connections that are lost but not yet closed (pgx gives a silent
+// peer up to 15 s to take its goodbye).
+func (s *sqlSink) connectAside(ctx context.Context) (*pgx.Conn, error) {
+	conn, err := pgx.ConnectConfig(ctx, s.c.pool.Config().ConnConfig)
+	if err != nil {
+		return nil, fmt.Errorf("connect to resolve a lost answer: %w", err)
+	}
+	return conn, nil
+}
+
 // claimLockTimeout bounds how long a claim waits for an attempt that holds
 // the token uncommitted and could not be ended.
 const claimLockTimeout = "1s"
 
 // fence makes sure that attempt a can no longer commit, and reports whether
 // it did.
-func (s *sqlSink) fence(ctx context.Context, a lostAttempt) (committed bool, err error) {
+func (s *sqlSink) fence(ctx context.Context, conn *pgx.Conn, a lostAttempt) (committed bool, err error) {
 	if a.backend.pid != 0 {
-		if err := s.endBackend(ctx, a.backend); err != nil {
+		if err := endBackend(ctx, conn, a.backend); err != nil {
 			return false, err
 		}
 	}
 	commits := pgx.Identifier{s.c.cfg.schema, commitsTable}.Sanitize()
 	var claimed bool
-	err = pgx.BeginFunc(ctx, s.c.pool, func(tx pgx.Tx) error {
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '"+claimLockTimeout+"'"); err != nil {
 			return err
 		}
@@ -192,8 +216,8 @@ func (s *sqlSink) fence(ctx context.Context, a lostAttempt) (committed bool, err
 
 // endBackend terminates a server process of ours, if it still runs, and
 // waits until it is gone.
-func (s *sqlSink) endBackend(ctx context.Context, be backend) error {
-	_, err := s.c.pool.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
+func endBackend(ctx context.Context, conn *pgx.Conn, be backend) error {
+	_, err := conn.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
 		be.pid, be.start)
 	if err != nil {
 		return fmt.Errorf("end the backend of the batch (pid %d): %w", be.pid, err)
@@ -201,7 +225,7 @@ func (s *sqlSink) endBackend(ctx context.Context, be backend) error {
 	wait := backoff.Backoff{Min: 2 * time.Millisecond, Max: 100 * time.Millisecond}
 	for {
 		var alive bool
-		err := s.c.pool.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2)",
+		err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2)",
 			be.pid, be.start).Scan(&alive)
 		if err != nil {
 			return fmt.Errorf("see the backend of the batch (pid %d) gone: %w", be.pid, err)
@@ -217,8 +241,8 @@ func (s *sqlSink) endBackend(ctx context.Context, be backend) error {
 
 // readRefused gives the sets of a committed batch that the version guard
 // kept out their error, from what the batch recorded under its token.
-func (s *sqlSink) readRefused(ctx context.Context, b *writebuf.Batch, token string) error {
-	rows, err := s.c.pool.Query(ctx, "SELECT tbl, id FROM "+pgx.Identifier{s.c.cfg.schema, refusedTable}.Sanitize()+" WHERE token = $1::uuid", token)
+func (s *sqlSink) readRefused(ctx context.Context, conn *pgx.Conn, b *writebuf.Batch, token string) error {
+	rows, err := conn.Query(ctx, "SELECT tbl, id FROM "+pgx.Identifier{s.c.cfg.schema, refusedTable}.Sanitize()+" WHERE token = $1::uuid", token)
 	if err != nil {
 		return fmt.Errorf("read what the version guard refused: %w", err)
 	}

@@ -25,6 +25,8 @@ type Proxy struct {
 // A link is one client connection and its server connection.
 type link struct {
 	holdRequests, holdReplies chan struct{} // while held: closed by Release
+	held                      bool          // ever held
+	ended                     sync.WaitGroup
 }
 
 // NewProxy starts a proxy to the test server on a loopback port and returns
@@ -70,6 +72,7 @@ func (p *Proxy) accept() {
 		p.conns[client] = struct{}{}
 		p.conns[server] = struct{}{}
 		l := &link{}
+		l.ended.Add(2)
 		p.links = append(p.links, l)
 		p.wg.Add(2)
 		go p.pipe(client, server, l, false)
@@ -80,6 +83,7 @@ func (p *Proxy) accept() {
 
 func (p *Proxy) pipe(dst, src net.Conn, l *link, toServer bool) {
 	defer p.wg.Done()
+	defer l.ended.Done()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
@@ -159,6 +163,7 @@ func (p *Proxy) hold(requests bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, l := range p.links {
+		l.held = true
 		if requests && l.holdRequests == nil {
 			l.holdRequests = make(chan struct{})
 		} else if !requests && l.holdReplies == nil {
@@ -178,6 +183,22 @@ func (p *Proxy) Release() {
 				*ch = nil
 			}
 		}
+	}
+}
+
+// Settle waits until every connection that was ever held has ended: after
+// Release, once its client has gone, whatever it held has been delivered.
+func (p *Proxy) Settle() {
+	p.mu.Lock()
+	var held []*link
+	for _, l := range p.links {
+		if l.held {
+			held = append(held, l)
+		}
+	}
+	p.mu.Unlock()
+	for _, l := range held {
+		l.ended.Wait()
 	}
 }
 

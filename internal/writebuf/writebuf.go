@@ -120,7 +120,8 @@ type Config struct {
 	// still be retried (or their outcome sought).
 	RetryTimeout time.Duration
 	// MinAttempt is the least time an attempt is given, however little of
-	// the deadline is left.
+	// the deadline is left; otherwise an attempt may take half of what is
+	// left.
 	MinAttempt time.Duration
 	// Guard is the version guard: a set older than the buffered set of its
 	// key is refused at once, and a set never joins a batch that deletes
@@ -211,7 +212,8 @@ type Buffer struct {
 	// failing is why the last batch failed for a passing reason, until a
 	// batch succeeds: batches whose deadline has passed meanwhile fail with
 	// it instead of each waiting out an attempt.
-	failing error
+	failing   error
+	failingAt time.Time
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -451,7 +453,7 @@ func (b *Buffer) loop(ctx context.Context) {
 		if ctx.Err() != nil {
 			failAll(view, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
 		} else {
-			b.flush(ctx, view, bt.due.Add(b.cfg.RetryTimeout))
+			b.flush(ctx, view, bt.due, bt.due.Add(b.cfg.RetryTimeout))
 		}
 		b.complete(bt, time.Since(began))
 	}
@@ -500,17 +502,19 @@ func (v *Batch) halves() (*Batch, *Batch) {
 }
 
 // flush writes a batch, retrying what can pass until the deadline.
-func (b *Buffer) flush(ctx context.Context, v *Batch, deadline time.Time) {
+func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 	wait := backoff.Backoff{Min: minRetryWait, Max: maxRetryWait}
 	for attempt := 1; ; attempt++ {
-		if attempt == 1 && b.failing != nil && !time.Now().Before(deadline) {
-			// The server has been failing since before this batch was
-			// due: its deadline passed waiting behind another batch.
+		if attempt == 1 && b.failing != nil && due.Before(b.failingAt) && time.Until(deadline) < b.cfg.MinAttempt {
+			// The batch was due while an earlier one was failing for a
+			// passing reason, and what is left of its deadline is less
+			// than an attempt may take: it fails with the cause, instead
+			// of each queued batch spending an attempt of its own.
 			failAll(v, fmt.Errorf("pgstore: write not sent: the retry timeout passed while earlier writes failed: %w", b.failing))
 			return
 		}
 		v.each(func(w *Write) { w.Err = nil })
-		actx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), b.cfg.MinAttempt))
+		actx, cancel := context.WithTimeout(ctx, b.attemptBound(deadline))
 		kind, err := b.sink.Write(actx, v)
 		cancel()
 		if err == nil {
@@ -530,8 +534,8 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, deadline time.Time) {
 			if v.count > 1 {
 				b.cfg.Logger.Warn("pgstore: batch too large for the server, halving it", "records", v.count, "err", err)
 				first, second := v.halves()
-				b.flush(ctx, first, deadline)
-				b.flush(ctx, second, deadline)
+				b.flush(ctx, first, due, deadline)
+				b.flush(ctx, second, due, deadline)
 				return
 			}
 		case Unknown:
@@ -552,7 +556,7 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, deadline time.Time) {
 		if time.Now().Add(sleep).After(deadline) {
 			err = fmt.Errorf("pgstore: write failed after %d attempt(s): %w", attempt, err)
 			b.cfg.Logger.Error("pgstore: batch failed", "records", v.count, "attempts", attempt, "err", err)
-			b.failing = err
+			b.failing, b.failingAt = err, time.Now()
 			failAll(v, err)
 			return
 		}
@@ -564,12 +568,20 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, deadline time.Time) {
 	}
 }
 
+// attemptBound is how long an attempt may take: half of what is left
+// before the deadline, so that a connection that hangs silently leaves
+// time to learn the attempt's outcome and to try again; at least
+// MinAttempt.
+func (b *Buffer) attemptBound(deadline time.Time) time.Duration {
+	return max(time.Until(deadline)/2, b.cfg.MinAttempt)
+}
+
 // resolve asks the sink whether a batch whose answer was lost committed,
 // until it can tell or the deadline passes.
 func (b *Buffer) resolve(ctx context.Context, v *Batch, deadline time.Time) (bool, error) {
 	wait := backoff.Backoff{Min: minRetryWait, Max: maxRetryWait}
 	for {
-		rctx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), b.cfg.MinAttempt))
+		rctx, cancel := context.WithTimeout(ctx, b.attemptBound(deadline))
 		committed, err := b.sink.Resolve(rctx, v)
 		cancel()
 		if err == nil {
