@@ -909,3 +909,73 @@ func TestNodesWritingTheSameKeysInOppositeOrdersDoNotDeadlock(t *testing.T) {
 		})
 	}
 }
+
+// ---- Limits, waits and the guard on reads ----
+
+func TestAValueOverTheSizeLimitIsRefusedAtOnceNamingTheLimit(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t, pgstore.WithMaxValueBytes(1024))
+	big := json.RawMessage(`"` + strings.Repeat("x", 1100) + `"`)
+	err := c.Set(ctx, "big/k", 1, big)
+	require.ErrorIs(t, err, pgstore.ErrInvalidValue)
+	require.ErrorContains(t, err, "over the limit of 1024")
+	require.NoError(t, c.Set(ctx, "big/k", 1, strings.Repeat("x", 1000)), "a value within the limit passes")
+}
+
+func TestSetAsyncsContextBoundsOnlyItsWaitForRoom(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	fp := newFailingPool(t)
+	c := newOnPool(t, fp.pool, pgstore.WithBufferLimit(1), pgstore.WithRetryTimeout(20*time.Second))
+
+	fp.failing.Store(true) // an outage: the buffer cannot drain
+	accepted := c.SetAsync(ctx, "room/first", 1, "first")
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	refused := c.SetAsync(short, "room/second", 1, "second")
+	err := refused.Wait(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded, "no room came before ctx ended")
+	require.ErrorContains(t, err, "waiting for room")
+
+	fp.failing.Store(false)
+	require.NoError(t, accepted.Wait(ctx), "what was accepted goes on")
+	requireRecord(t, c, "room/first", 1, `"first"`)
+	requireNotFound(t, c, "room/second")
+}
+
+func TestWithTheGuardGetNeverShowsABufferedVersionOlderThanTheStoredOne(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	stored := connectSchema(t, schema, pgstore.WithVersionGuard(true))
+	require.NoError(t, stored.Set(ctx, "g/k", 10, "ten"))
+
+	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
+	older := c.SetAsync(ctx, "g/k", 3, "three")
+	requireRecord(t, c, "g/k", 10, `"ten"`)
+	newer := c.SetAsync(ctx, "g/other", 3, "three")
+	requireRecord(t, c, "g/other", 3, `"three"`) // nothing stored: the buffered one
+	closeNow(t, c)
+	require.ErrorIs(t, older.Wait(ctx), pgstore.ErrVersionConflict)
+	require.NoError(t, newer.Wait(ctx))
+}
+
+func TestWritesAfterTheServerEndedAnIdleSessionSucceed(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	require.NoError(t, err)
+	cfg.ConnConfig.RuntimeParams["idle_session_timeout"] = "500ms"
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	c := newOnPool(t, pool)
+	require.NoError(t, c.Set(ctx, "idle/warm", 1, 1))
+	for i := range 2 {
+		// Longer than the server lets a session idle: it ends the pooled
+		// connections with 57P05, which no write may fail for.
+		time.Sleep(700 * time.Millisecond)
+		require.NoError(t, c.Set(ctx, fmt.Sprintf("idle/%d", i), 1, i))
+	}
+}
