@@ -16,15 +16,16 @@ type Backoff struct {
 	cur      time.Duration
 }
 
-// Next returns the next wait: it doubles from Min up to Max, each drawn
-// from the upper half of its step.
+// Next returns the next wait: never less than Min nor more than Max, it
+// doubles from Min with every call, plus up to half as much again of
+// jitter.
 func (b *Backoff) Next() time.Duration {
 	if b.cur == 0 {
 		b.cur = b.Min
-	} else {
-		b.cur = min(2*b.cur, b.Max)
 	}
-	return b.cur/2 + rand.N(b.cur/2+1)
+	d := b.cur
+	b.cur = min(2*b.cur, b.Max)
+	return min(d+rand.N(d/2+1), b.Max)
 }
 
 // Reset starts the waits over from Min.

@@ -6,12 +6,13 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgstore/pgstore/internal/backoff"
 )
 
 // Defaults of the Listener's timing fields.
@@ -93,15 +94,15 @@ func (l *Listener) Run(ctx context.Context) {
 	// over only once a connection has served: a server that accepts
 	// connections and then drops them (a standby refusing LISTEN, a
 	// pooler) must not make the loop spin.
-	backoff := l.minBackoff()
+	wait := backoff.Backoff{Min: l.minBackoff(), Max: l.maxBackoff()}
 	retry := func(err error) {
+		d := wait.Next()
 		if conn != nil {
 			conn = l.lost(ctx, conn, err)
 		} else if ctx.Err() == nil {
-			l.logger().Warn("pgstore: listener cannot connect; retrying", "retry_in", backoff, "err", err)
+			l.logger().Warn("pgstore: listener cannot connect; retrying", "retry_in", d, "err", err)
 		}
-		sleep(ctx, backoff)
-		backoff = l.nextBackoff(backoff)
+		backoff.Sleep(ctx, d)
 	}
 	fresh, everListened := false, false
 	for ctx.Err() == nil {
@@ -130,7 +131,7 @@ func (l *Listener) Run(ctx context.Context) {
 			retry(err)
 			continue
 		}
-		backoff = l.minBackoff() // the connection served
+		wait.Reset() // the connection served
 	}
 }
 
@@ -298,22 +299,9 @@ func (l *Listener) minBackoff() time.Duration {
 	return DefaultMinBackoff
 }
 
-// nextBackoff doubles d up to the maximum, with up to 50% jitter so that
-// many nodes do not reconnect in step after a server restart.
-func (l *Listener) nextBackoff(d time.Duration) time.Duration {
-	limit := l.MaxBackoff
-	if limit <= 0 {
-		limit = DefaultMaxBackoff
+func (l *Listener) maxBackoff() time.Duration {
+	if l.MaxBackoff > 0 {
+		return l.MaxBackoff
 	}
-	d = min(2*d, limit)
-	return d/2 + rand.N(d/2+1)
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-ctx.Done():
-	}
+	return DefaultMaxBackoff
 }

@@ -17,18 +17,6 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func TestBackoffDoublesWithJitterUpToTheMaximum(t *testing.T) {
-	l := &Listener{MinBackoff: 100 * time.Millisecond, MaxBackoff: time.Second}
-	d := l.minBackoff()
-	for range 20 {
-		prev := d
-		d = l.nextBackoff(d)
-		ceiling := min(2*prev, time.Second)
-		require.GreaterOrEqual(t, d, ceiling/2)
-		require.LessOrEqual(t, d, ceiling)
-	}
-}
-
 // deepstream retried its initial connection in a hot loop.
 func TestAServerThatCannotBeReachedIsRetriedWithBackoffNotInAHotLoop(t *testing.T) {
 	const attempts = 4
