@@ -1,28 +1,62 @@
 package pgstore
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // connStringError wraps an error of pgxpool.ParseConfig, explaining the
 // cases where pgx's message leaves the fix unclear: a client certificate
-// without its key or the reverse (pgx says only that both are required).
+// without its key or the reverse (pgx says only that both are required). Its
+// text leaves out the connection string (see parseErrorText); errors.As still
+// finds pgx's error.
 func connStringError(connString string, err error) error {
-	if strings.Contains(err.Error(), `"sslcert" and "sslkey"`) {
+	text := parseErrorText(err)
+	if strings.Contains(text, `"sslcert" and "sslkey"`) {
 		cert := connSetting(connString, "sslcert", "PGSSLCERT")
 		key := connSetting(connString, "sslkey", "PGSSLKEY")
 		switch {
 		case cert != "" && key == "":
-			return fmt.Errorf("pgstore: sslcert is set (%q) but sslkey is not: a client certificate needs the file of its private key too; set sslkey: %w", cert, err)
+			text = fmt.Sprintf("sslcert is set (%q) but sslkey is not: a client certificate needs the file of its private key too; set sslkey: %s", cert, text)
 		case key != "" && cert == "":
-			return fmt.Errorf("pgstore: sslkey is set (%q) but sslcert is not: a client key needs the file of its certificate too; set sslcert: %w", key, err)
+			text = fmt.Sprintf("sslkey is set (%q) but sslcert is not: a client key needs the file of its certificate too; set sslcert: %s", key, text)
 		}
 	}
-	return fmt.Errorf("pgstore: %w", err) // pgx redacts the password
+	return &connStringErr{text: "pgstore: " + text, err: err}
 }
+
+// parseErrorText returns the text of err with the connection string that a
+// pgconn.ParseConfigError quotes left out. pgx masks the passwords it
+// recognises there, but only on a best-effort basis: a password quoted with
+// an escaped quote ('it\'s secret'), escaped spaces or spaces round the "="
+// (password = x) show in clear. The rest of its message quotes no setting's
+// value.
+func parseErrorText(err error) string {
+	text := err.Error()
+	var pce *pgconn.ParseConfigError
+	if !errors.As(err, &pce) {
+		return text
+	}
+	bare := *pce
+	bare.ConnString = ""
+	bareText := strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
+	return strings.Replace(text, pce.Error(), "cannot parse the connection string: "+bareText, 1)
+}
+
+// connStringErr is an error of connStringError: its own text, wrapping pgx's
+// error.
+type connStringErr struct {
+	text string
+	err  error
+}
+
+func (e *connStringErr) Error() string { return e.text }
+func (e *connStringErr) Unwrap() error { return e.err }
 
 // connSetting returns a setting of a connection string, in URL or
 // keyword/value form, or else the environment variable pgx reads for it.
@@ -72,13 +106,16 @@ func keywordValues(s string) map[string]string {
 			if !quoted && strings.IndexByte(space, ch) >= 0 {
 				break
 			}
-			if ch == '\\' && i+1 < len(s) {
+			if ch == '\\' {
 				i++
+				if i == len(s) {
+					break // as libpq, a trailing backslash ends the value
+				}
 				ch = s[i]
 			}
 			val.WriteByte(ch)
 		}
-		settings[strings.TrimSpace(key)] = val.String()
+		settings[strings.Trim(key, space)] = val.String()
 		s = s[i:]
 	}
 }
