@@ -512,8 +512,9 @@ func parseNotice(payload string) (*notice, error) {
 		return nil, err
 	}
 	typ, ok := payloadOps[p.Op]
-	if !ok || p.Table == "" {
-		return nil, fmt.Errorf("unknown op %q or no table", p.Op)
+	if !ok || p.Table == "" || strings.Contains(p.Table, "/") {
+		// Not from pgstore's triggers: no table of theirs holds a "/".
+		return nil, fmt.Errorf("unknown op %q, or no table or one that no key could name (%q)", p.Op, p.Table)
 	}
 	nt := &notice{typ: typ, table: p.Table}
 	if typ == CreateTable || typ == DestroyTable {
@@ -538,6 +539,9 @@ func parseNotice(payload string) (*notice, error) {
 			id = string(raw)
 		} else if err := json.Unmarshal(row[0], &id); err != nil {
 			return nil, err
+		}
+		if id == "" {
+			return nil, fmt.Errorf("row %s has no id", row)
 		}
 		version, err := strconv.ParseInt(string(row[1]), 10, 64)
 		if err != nil {
