@@ -223,13 +223,14 @@ func (s *sqlSink) acquire(ctx context.Context) (*pgxpool.Conn, backend, error) {
 	}
 	var be backend
 	err = conn.QueryRow(ctx, "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").Scan(&be.pid, &be.start)
-	if err != nil {
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		conn.Release()
 		return nil, backend{}, err
 	}
-	if uint32(be.pid) != conn.Conn().PgConn().PID() {
+	if err != nil || uint32(be.pid) != conn.Conn().PgConn().PID() {
 		// Behind a pooler, the server backend may serve other clients
-		// next: not ours to end. The marker alone then fences.
+		// next: not ours to end. The marker alone then fences, as it
+		// does where the server does not show the session.
 		be = backend{}
 	}
 	data[backendKey] = be
