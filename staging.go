@@ -96,7 +96,6 @@ func (s *sqlSink) writeStaged(ctx context.Context, tables []*tableBatch, token s
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit it does nothing
 	var pb pgx.Batch
-	s.queueMarker(&pb, token)
 	staged := false // the staging table holds rows already written
 	for _, tb := range tables {
 		stage := len(tb.sets) >= stageMinRows
@@ -121,6 +120,9 @@ func (s *sqlSink) writeStaged(ctx context.Context, tables []*tableBatch, token s
 		}
 		s.queueWrites(&pb, tb, token, stage)
 	}
+	// The marker goes with the last statements, where it costs no round
+	// trip of its own; where in the transaction it is makes no difference.
+	s.queueMarker(&pb, token)
 	if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
 		return false, be, err
 	}
