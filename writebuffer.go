@@ -503,11 +503,6 @@ func retryableCode(code string) bool {
 	return class == "08" || class == "53" // connection exception, insufficient resources
 }
 
-// retryable reports whether err is a passing failure (see classify).
-func retryable(err error) bool {
-	return classifyUnsent(err) != writebuf.Permanent
-}
-
 func isUndefinedObject(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "42704"
