@@ -136,12 +136,13 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err := pool.Ping(ctx); err != nil {
 		return nil, fmt.Errorf("pgstore: connect: %w", err)
 	}
-	if err := prepareSchema(ctx, pool, cfg.schema); err != nil {
+	logged, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog)
+	if err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
 	}
-	if cfg.eventsChosen {
-		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events); err != nil {
-			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents: %w", cfg.schema, err)
+	if cfg.eventsChosen || cfg.changeLog > 0 {
+		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, logged); err != nil {
+			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
 	c := &Connector{

@@ -19,6 +19,7 @@ import (
 	"errors"
 	"net/url"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -367,7 +368,7 @@ func FuzzParseNotice(f *testing.F) {
 				t.Fatalf("parseNotice(%q) = %+v, encoded again as %q: %+v", payload, nt, again, nt2)
 			}
 			for i := range nt.events {
-				if nt2.events[i] != nt.events[i] {
+				if !reflect.DeepEqual(nt2.events[i], nt.events[i]) {
 					t.Fatalf("parseNotice(%q) event %d = %+v, encoded again as %q: %+v", payload, i, nt.events[i], again, nt2.events[i])
 				}
 			}

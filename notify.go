@@ -142,27 +142,53 @@ $fn$`, pgx.Identifier{schema}.Sanitize(), notifyFunction, chunkBytes, inlineIDBy
 }
 
 // rowTriggers are the statement-level triggers of a record table, by event.
+// With the change log on, the log_ triggers take the place of the others.
 var rowTriggers = []struct {
 	event      EventType
 	name, when string
 }{
-	{Insert, "pgstore_insert", "AFTER INSERT ON %s REFERENCING NEW TABLE AS changed_rows"},
-	{Update, "pgstore_update", "AFTER UPDATE ON %s REFERENCING NEW TABLE AS changed_rows"},
-	{Delete, "pgstore_delete", "AFTER DELETE ON %s REFERENCING OLD TABLE AS changed_rows"},
+	{Insert, "insert", "AFTER INSERT ON %s REFERENCING NEW TABLE AS changed_rows"},
+	{Update, "update", "AFTER UPDATE ON %s REFERENCING NEW TABLE AS changed_rows"},
+	{Delete, "delete", "AFTER DELETE ON %s REFERENCING OLD TABLE AS changed_rows"},
+}
+
+// triggerName is the name of a table's trigger for an event.
+func triggerName(base string, logged bool) string {
+	if logged {
+		return "pgstore_log_" + base
+	}
+	return "pgstore_" + base
 }
 
 // triggerSQL returns the statements that create the triggers for the events
-// in the set.
-func triggerSQL(schema, table string, events eventSet) []string {
+// in the set: appending to the change log when logged, else notifying.
+func triggerSQL(schema, table string, events eventSet, logged bool) []string {
 	ident := pgx.Identifier{schema, table}.Sanitize()
+	function := notifyFunction
+	if logged {
+		function = logFunction
+	}
 	var stmts []string
 	for _, tr := range rowTriggers {
 		if events.has(tr.event) {
 			stmts = append(stmts, fmt.Sprintf("CREATE TRIGGER %s "+tr.when+" FOR EACH STATEMENT EXECUTE FUNCTION %s.%s()",
-				tr.name, ident, pgx.Identifier{schema}.Sanitize(), notifyFunction))
+				triggerName(tr.name, logged), ident, pgx.Identifier{schema}.Sanitize(), function))
 		}
 	}
 	return stmts
+}
+
+// announceDDL records a table event inside the DDL's transaction: in the
+// change log when the schema has one, else as a notification.
+func announceDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
+	logged, err := hasLog(ctx, tx, schema)
+	if err != nil {
+		return err
+	}
+	if logged {
+		return appendDDL(ctx, tx, schema, t, table)
+	}
+	return notifyDDL(ctx, tx, schema, t, table)
 }
 
 // notifyDDL announces a table created or dropped, inside the DDL's transaction
@@ -191,6 +217,22 @@ type Event struct {
 	// Version is the record's version after an insert or update, and the
 	// version it had when it was deleted.
 	Version int64
+
+	// With the change log only (see WithChangeLog):
+
+	// Value is the record's JSON as of this change, for inserts and updates.
+	Value json.RawMessage
+	// Cursor is the position of this change in the log: pass it to After
+	// to resume after it. On a Resync, it is where the subscription goes on
+	// from.
+	Cursor string
+	// Offset numbers the changes of one table: 1, 2, 3… in commit order,
+	// without gaps.
+	Offset int64
+	// Reason says why a Resync was delivered: ErrCursorExpired or
+	// ErrLogGone. It is nil on other events, and on the Resync of the
+	// NOTIFY feed.
+	Reason error
 }
 
 // A Filter narrows what a subscription receives.
@@ -200,6 +242,7 @@ type subscribeConfig struct {
 	schema string
 	types  eventSet // empty: all
 	tables map[string]bool
+	after  *cursor // from After
 }
 
 // ForEvents delivers only events of the given types. Resync is delivered

@@ -23,6 +23,7 @@ type config struct {
 	logger        *slog.Logger
 	retryTimeout  time.Duration
 	maxValueBytes int
+	changeLog     time.Duration // retention; 0 leaves the schema's log as it is
 	events        eventSet
 	eventsChosen  bool // WithEvents was given: existing triggers follow it
 

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
@@ -154,7 +155,7 @@ const ddlLockSQL = "SELECT pg_advisory_xact_lock(hashtextextended('pgstore ' || 
 
 // createTableSQL returns the statements that create a record table with its
 // change-feed triggers.
-func createTableSQL(schema, name string, events eventSet) []string {
+func createTableSQL(schema, name string, events eventSet, logged bool) []string {
 	ident := pgx.Identifier{schema, name}.Sanitize()
 	// The primary key's index is a relation of the schema: named with a "/",
 	// which no table name holds, it can never take the name of a table.
@@ -165,7 +166,7 @@ func createTableSQL(schema, name string, events eventSet) []string {
 			"CONSTRAINT " + pkey + " PRIMARY KEY (id))",
 		"COMMENT ON TABLE " + ident + " IS '" + tableMarker + "'",
 	}
-	return append(stmts, triggerSQL(schema, name, events)...)
+	return append(stmts, triggerSQL(schema, name, events, logged)...)
 }
 
 // ensureTable creates the record table if it does not exist yet. Under the
@@ -186,13 +187,17 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		if err := setupSchema(ctx, tx, schema); err != nil {
 			return err
 		}
-		for _, stmt := range createTableSQL(schema, name, c.cfg.events) {
+		logged, err := hasLog(ctx, tx, schema)
+		if err != nil {
+			return err
+		}
+		for _, stmt := range createTableSQL(schema, name, c.cfg.events, logged) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
 		}
 		if c.cfg.events.has(CreateTable) {
-			return notifyDDL(ctx, tx, schema, CreateTable, name)
+			return announceDDL(ctx, tx, schema, CreateTable, name)
 		}
 		return nil
 	})
@@ -237,13 +242,23 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 	return nil
 }
 
-// prepareSchema runs setupSchema in its own transaction under the DDL lock.
-func prepareSchema(ctx context.Context, db beginner, schema string) error {
-	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+// prepareSchema runs setupSchema in its own transaction under the DDL lock,
+// and with a retention, prepareLog. It reports whether the schema has a
+// change log.
+func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration) (logged bool, err error) {
+	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
 		}
 		if err := setupSchema(ctx, tx, schema); err != nil {
+			return err
+		}
+		if retention > 0 {
+			if err := prepareLog(ctx, tx, schema, retention); err != nil {
+				return err
+			}
+		}
+		if logged, err = hasLog(ctx, tx, schema); err != nil {
 			return err
 		}
 		for _, stmt := range sweepMarkersSQL(schema) {
@@ -253,6 +268,7 @@ func prepareSchema(ctx context.Context, db beginner, schema string) error {
 		}
 		return nil
 	})
+	return logged, err
 }
 
 type beginner interface {
@@ -302,7 +318,7 @@ func listTables(ctx context.Context, q interface {
 func syncTriggers(ctx context.Context, db interface {
 	beginner
 	Query(context.Context, string, ...any) (pgx.Rows, error)
-}, schema string, events eventSet) error {
+}, schema string, events eventSet, logged bool) error {
 	tables, err := listTables(ctx, db, schema)
 	if err != nil {
 		return err
@@ -311,12 +327,16 @@ func syncTriggers(ctx context.Context, db interface {
 		var stmts []string
 		ident := pgx.Identifier{schema, t.name}.Sanitize()
 		for _, tr := range rowTriggers {
-			switch has := slices.Contains(t.triggers, tr.name); {
-			case has && !events.has(tr.event):
-				stmts = append(stmts, "DROP TRIGGER IF EXISTS "+tr.name+" ON "+ident)
-			case !has && events.has(tr.event):
-				stmts = append(stmts, "DROP TRIGGER IF EXISTS "+tr.name+" ON "+ident, // created meanwhile by another connector
-					triggerSQL(schema, t.name, eventSet(1<<tr.event))[0])
+			for _, kind := range []bool{false, true} {
+				name := triggerName(tr.name, kind)
+				want := kind == logged && events.has(tr.event)
+				switch has := slices.Contains(t.triggers, name); {
+				case has && !want:
+					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident)
+				case !has && want:
+					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident, // created meanwhile by another connector
+						triggerSQL(schema, t.name, eventSet(1<<tr.event), logged)[0])
+				}
 			}
 		}
 		if len(stmts) == 0 {
@@ -352,12 +372,13 @@ func (c *Connector) checkName(call, kind, name string) error {
 	return nil
 }
 
-// CreateSchema creates a schema, ready for connectors, if it does not exist.
+// CreateSchema creates a schema, ready for connectors, if it does not exist;
+// with a change log if the connector has WithChangeLog.
 func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if err := c.checkName("CreateSchema", "schema", name); err != nil {
 		return err
 	}
-	if err := prepareSchema(ctx, c.pool, name); err != nil {
+	if _, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog); err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
 	}
 	return nil
@@ -396,7 +417,7 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 		}
 		if c.cfg.events.has(DestroyTable) {
 			for _, t := range tables {
-				if err := notifyDDL(ctx, tx, name, DestroyTable, t.name); err != nil {
+				if err := announceDDL(ctx, tx, name, DestroyTable, t.name); err != nil {
 					return err
 				}
 			}
@@ -440,7 +461,7 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 			return ErrNotFound
 		}
 		if c.cfg.events.has(DestroyTable) {
-			if err := notifyDDL(ctx, tx, schema, DestroyTable, name); err != nil {
+			if err := announceDDL(ctx, tx, schema, DestroyTable, name); err != nil {
 				return err
 			}
 		}

@@ -1,0 +1,270 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The change log is the durable change feed: the triggers of the record
+// tables append every change, with its value, to a log in the schema, in
+// the same transaction as the change.
+//
+// Positions are gapless and in commit order because appends are
+// serialised: a change takes its positions by updating the log's one head
+// row, whose lock it holds until it commits or rolls back, so the next
+// writer takes the numbers after them only once the first is visible (a
+// transaction is visible before its locks are released). A reader that
+// read up to position p and asks for what is after p can so never miss an
+// entry that commits later with a smaller number. PostgreSQL serialises
+// committing NOTIFY senders on one lock already; this is the same price,
+// paid at the first write of a transaction instead of at its commit.
+//
+// The log is a table partitioned by list into logParts partitions, of
+// which one takes the appends. Retention rotates them: every half
+// retention, the oldest partition is emptied with TRUNCATE (no DELETE per
+// row) and takes the appends from then on. An entry is so kept for at
+// least the retention and at most twice it, plus the janitor's interval.
+
+// Names of the log's tables in the schema; a record table's name never holds
+// a "/".
+const (
+	logHead    = "pgstore/log"
+	logEntries = "pgstore/log_entries"
+	logOffsets = "pgstore/log_offsets"
+	logParts   = 4
+)
+
+// logFunction is the trigger function that appends to the log.
+const logFunction = "pgstore_log_v1"
+
+// logOps are the op codes of log entries, by event type.
+var logOps = map[EventType]string{CreateTable: "C", DestroyTable: "X", Insert: "I", Update: "U", Delete: "D"}
+
+func logPart(schema string, part int) string {
+	return pgx.Identifier{schema, fmt.Sprintf("%s_%d", logEntries, part)}.Sanitize()
+}
+
+// createLogSQL creates the log's tables and its trigger function.
+func createLogSQL(schema string, retention time.Duration) []string {
+	head := pgx.Identifier{schema, logHead}.Sanitize()
+	entries := pgx.Identifier{schema, logEntries}.Sanitize()
+	offsets := pgx.Identifier{schema, logOffsets}.Sanitize()
+	stmts := []string{
+		"CREATE TABLE " + head + ` (one boolean PRIMARY KEY DEFAULT true CHECK (one),
+			log_id uuid NOT NULL DEFAULT gen_random_uuid(),
+			position bigint NOT NULL DEFAULT 0,
+			dropped bigint NOT NULL DEFAULT 0,
+			part smallint NOT NULL DEFAULT 0,
+			retention interval NOT NULL,
+			rotated_at timestamptz NOT NULL DEFAULT now())`,
+		"INSERT INTO " + head + " (retention) VALUES (" + intervalLiteral(retention) + ")",
+		"CREATE TABLE " + offsets + " (tbl text PRIMARY KEY, off bigint NOT NULL)",
+		"CREATE TABLE " + entries + ` (part smallint NOT NULL, position bigint NOT NULL, tbl text NOT NULL, off bigint NOT NULL,
+			op "char" NOT NULL, id text COLLATE "C", version bigint, val jsonb, at timestamptz NOT NULL DEFAULT clock_timestamp())
+			PARTITION BY LIST (part)`,
+	}
+	for p := range logParts {
+		stmts = append(stmts, fmt.Sprintf("CREATE TABLE %s PARTITION OF %s FOR VALUES IN (%d)", logPart(schema, p), entries, p))
+	}
+	stmts = append(stmts, "CREATE INDEX ON "+entries+" (position)", logFunctionSQL(schema))
+	return stmts
+}
+
+// intervalLiteral renders a retention as an SQL interval; it is a number of
+// microseconds, never text from a caller.
+func intervalLiteral(d time.Duration) string {
+	return "'" + strconv.FormatInt(d.Microseconds(), 10) + " microseconds'::interval"
+}
+
+// logFunctionSQL creates the statement-level trigger function that appends
+// a statement's changed rows to the log, in id order.
+func logFunctionSQL(schema string) string {
+	s := pgx.Identifier{schema}.Sanitize()
+	return fmt.Sprintf(`CREATE FUNCTION %[1]s.%[2]s() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+	n bigint;
+	first bigint;
+	p smallint;
+	o bigint;
+	op "char" := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
+BEGIN
+	SELECT count(*) INTO n FROM changed_rows;
+	IF n = 0 THEN
+		RETURN NULL;
+	END IF;
+	UPDATE %[3]s SET position = position + n RETURNING position - n, part INTO first, p;
+	IF NOT FOUND THEN
+		RETURN NULL;
+	END IF;
+	INSERT INTO %[4]s AS t (tbl, off) VALUES (TG_TABLE_NAME, n)
+		ON CONFLICT (tbl) DO UPDATE SET off = t.off + excluded.off RETURNING t.off - n INTO o;
+	INSERT INTO %[5]s (part, position, tbl, off, op, id, version, val)
+		SELECT p, first + r.k, TG_TABLE_NAME, o + r.k, op, r.id, r.version, CASE WHEN op = 'D' THEN NULL ELSE r.val END
+		FROM (SELECT row_number() OVER (ORDER BY c.id) AS k, c.id, c.version, c.val FROM changed_rows c) AS r;
+	RETURN NULL;
+END
+$fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifier{schema, logOffsets}.Sanitize(),
+		pgx.Identifier{schema, logEntries}.Sanitize())
+}
+
+// appendDDL appends a table event to the log inside the DDL's transaction.
+func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
+	_, err := tx.Exec(ctx, `WITH h AS (UPDATE `+pgx.Identifier{schema, logHead}.Sanitize()+` SET position = position + 1 RETURNING position, part),
+		o AS (INSERT INTO `+pgx.Identifier{schema, logOffsets}.Sanitize()+` AS t (tbl, off) VALUES ($1, 1)
+			ON CONFLICT (tbl) DO UPDATE SET off = t.off + 1 RETURNING off)
+		INSERT INTO `+pgx.Identifier{schema, logEntries}.Sanitize()+` (part, position, tbl, off, op)
+		SELECT h.part, h.position, $1, o.off, $2 FROM h, o`, table, logOps[t])
+	return err
+}
+
+// hasLog reports whether the schema has a change log.
+func hasLog(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, schema string) (bool, error) {
+	var exists bool
+	err := q.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND tablename = $2)", schema, logHead).Scan(&exists)
+	return exists, err
+}
+
+// prepareLog creates the schema's log if it has none, or records the
+// retention asked for. The caller holds the schema's DDL lock.
+func prepareLog(ctx context.Context, tx pgx.Tx, schema string, retention time.Duration) error {
+	exists, err := hasLog(ctx, tx, schema)
+	if err != nil || exists {
+		if err == nil {
+			_, err = tx.Exec(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET retention = "+intervalLiteral(retention)+
+				" WHERE retention <> "+intervalLiteral(retention))
+		}
+		return err
+	}
+	for _, stmt := range createLogSQL(schema, retention) {
+		if _, err := tx.Exec(ctx, stmt); err != nil {
+			return fmt.Errorf("create the change log of %q: %w", schema, err)
+		}
+	}
+	return nil
+}
+
+// WithChangeLog turns the schema's change log on: the durable change feed,
+// from which subscriptions read at their own pace and resume from a cursor
+// (see Subscribe and After). Entries are kept for at least retention and at
+// most twice it. The log is a setting of the schema, not of the connector:
+// once on, every connector on the schema writes to it and reads from it,
+// with this option or without; a connector given the option records its
+// retention. retention must be at least a minute.
+func WithChangeLog(retention time.Duration) Option {
+	return func(c *config) error {
+		if retention < time.Minute {
+			return fmt.Errorf("WithChangeLog: retention must be at least 1m, got %v", retention)
+		}
+		c.changeLog = retention
+		return nil
+	}
+}
+
+// A cursor names a position in one log: "<log id>.<position>". The log id
+// tells a cursor of another schema, or of a log dropped and made again,
+// from one of this log.
+type cursor struct {
+	log      string // 32 hex digits
+	position int64
+}
+
+func (cu cursor) String() string { return cu.log + "." + strconv.FormatInt(cu.position, 10) }
+
+// ErrInvalidCursor wraps every error about a cursor that cannot be read from
+// the log: malformed, of another log, or beyond the log's end.
+var ErrInvalidCursor = errors.New("pgstore: invalid cursor")
+
+// ErrCursorExpired is the Reason of a Resync delivered when a subscription's
+// position is older than the log's retention: the entries after it are
+// gone. Re-read the records with List or GetMany, then go on from the
+// position they return.
+var ErrCursorExpired = errors.New("pgstore: cursor older than the change log's retention")
+
+// ErrLogGone is the Reason of a Resync delivered when the log a subscription
+// reads was removed (its schema destroyed).
+var ErrLogGone = errors.New("pgstore: change log removed")
+
+func parseCursor(s string) (cursor, error) {
+	logID, pos, ok := strings.Cut(s, ".")
+	if !ok || len(logID) != 32 {
+		return cursor{}, fmt.Errorf("%w %q: not a cursor of pgstore's change log", ErrInvalidCursor, s)
+	}
+	if _, err := hex.DecodeString(logID); err != nil {
+		return cursor{}, fmt.Errorf("%w %q: not a cursor of pgstore's change log", ErrInvalidCursor, s)
+	}
+	n, err := strconv.ParseInt(pos, 10, 64)
+	if err != nil || n < 0 {
+		return cursor{}, fmt.Errorf("%w %q: its position is not a number of 0 or more", ErrInvalidCursor, s)
+	}
+	return cursor{log: logID, position: n}, nil
+}
+
+// logHeadRow is what a reader needs of the head: the log's identity, its
+// end, and the last position retention removed.
+type logHeadRow struct {
+	log      string
+	position int64
+	dropped  int64
+}
+
+func readHead(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, schema string) (logHeadRow, error) {
+	var h logHeadRow
+	err := q.QueryRow(ctx, "SELECT replace(log_id::text, '-', ''), position, dropped FROM "+pgx.Identifier{schema, logHead}.Sanitize()).
+		Scan(&h.log, &h.position, &h.dropped)
+	return h, err
+}
+
+// logChannel is the channel of the log's wake-ups: named for pgstore, so
+// that no application channel named like the schema collides with it, and
+// hashed, so that a long schema name is not truncated into another's.
+func logChannel(schema string) string {
+	sum := sha256.Sum256([]byte(schema))
+	return "pgstore_log_" + hex.EncodeToString(sum[:12])
+}
+
+// A logEntry is one row of the log.
+type logEntry struct {
+	position, offset int64
+	table, id        string
+	op               string
+	version          int64
+	value            json.RawMessage
+}
+
+var opTypes = map[string]EventType{"C": CreateTable, "X": DestroyTable, "I": Insert, "U": Update, "D": Delete}
+
+func (e logEntry) event(schema, logID string) Event {
+	ev := Event{
+		Type:   opTypes[e.op],
+		Schema: schema,
+		Table:  e.table,
+		Cursor: cursor{log: logID, position: e.position}.String(),
+		Offset: e.offset,
+	}
+	if ev.Type != CreateTable && ev.Type != DestroyTable {
+		ev.ID, ev.Key, ev.Version, ev.Value = e.id, e.table+"/"+e.id, e.version, e.value
+	}
+	return ev
+}
+
+// readLogSQL reads a page of entries after a position, with the head.
+func readLogSQL(schema string) string {
+	return `SELECT h.dropped, h.position, e.position, e.off, e.tbl, coalesce(e.id, ''), e.op, coalesce(e.version, 0), e.val
+		FROM ` + pgx.Identifier{schema, logHead}.Sanitize() + ` h
+		LEFT JOIN LATERAL (SELECT * FROM ` + pgx.Identifier{schema, logEntries}.Sanitize() + `
+			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
+		ORDER BY e.position`
+}
