@@ -75,7 +75,13 @@ type Connector struct {
 	stopListener context.CancelFunc
 	listenerDone chan struct{}
 	subsMu       sync.RWMutex
-	subs         map[string]map[*Subscription]struct{} // by schema
+	subs         map[string]map[*Subscription]struct{} // of the NOTIFY feed, by schema
+	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
+
+	logged        atomic.Bool   // the schema has a change log
+	wakeOthers    chan struct{} // see logWritten
+	stopAnnouncer context.CancelFunc
+	announcerDone chan struct{}
 
 	closing   atomic.Bool
 	closeOnce sync.Once
@@ -174,6 +180,13 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		Logger:      cfg.logger,
 	}
 	c.subs = make(map[string]map[*Subscription]struct{})
+	c.logSubs = make(map[string]map[*Subscription]struct{})
+	c.logged.Store(logged)
+	c.wakeOthers = make(chan struct{}, 1)
+	c.announcerDone = make(chan struct{})
+	announceCtx, stopAnnouncer := context.WithCancel(context.Background())
+	c.stopAnnouncer = stopAnnouncer
+	go c.announceLoop(announceCtx)
 	c.listenerDone = make(chan struct{})
 	c.buf = writebuf.New(writebuf.Config{
 		Interval:     cfg.writeInterval,
@@ -429,11 +442,18 @@ func (c *Connector) closeFeed(ctx context.Context) error {
 			subs = append(subs, s)
 		}
 	}
+	for _, set := range c.logSubs {
+		for s := range set {
+			subs = append(subs, s)
+		}
+	}
 	c.subs = nil // no more subscriptions
 	c.subsMu.Unlock()
 	for _, s := range subs {
 		s.stop(false)
 	}
+	c.stopAnnouncer()
+	<-c.announcerDone
 	c.listenerOnce.Do(func() { close(c.listenerDone) }) // never started
 	if c.stopListener != nil {
 		c.stopListener()

@@ -314,6 +314,12 @@ type Subscription struct {
 	done    chan struct{}
 	gid     atomic.Uint64 // the delivering goroutine
 
+	// Following a change log: the log's channel, and the context of reads,
+	// ended by stop.
+	channel    string
+	readCtx    context.Context
+	cancelRead context.CancelFunc
+
 	mu     sync.Mutex
 	lost   bool // the queue overflowed: drop notices until Resync is delivered
 	queued int  // events in the queue
@@ -351,6 +357,16 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 			return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
 		}
 	}
+	logged, err := hasLog(ctx, c.pool, s.cfg.schema)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
+	}
+	if logged {
+		return c.subscribeLog(ctx, s)
+	}
+	if s.cfg.after != nil {
+		return nil, fmt.Errorf("pgstore: Subscribe: After needs a change log, and schema %q has none (see WithChangeLog)", s.cfg.schema)
+	}
 	c.startListener()
 	c.subsMu.Lock()
 	if c.subs == nil { // closed meanwhile
@@ -384,11 +400,20 @@ func (s *Subscription) close(unlisten bool) {
 // stop ends deliveries: no handler call starts after it.
 func (s *Subscription) stop(unlisten bool) {
 	s.closeOnce.Do(func() {
+		channel := s.cfg.schema
 		s.c.subsMu.Lock()
-		delete(s.c.subs[s.cfg.schema], s)
+		if s.channel != "" {
+			channel = s.channel
+			delete(s.c.logSubs[channel], s)
+		} else {
+			delete(s.c.subs[s.cfg.schema], s)
+		}
 		s.c.subsMu.Unlock()
 		if unlisten {
-			s.c.listener.Unlisten(s.cfg.schema)
+			s.c.listener.Unlisten(channel)
+		}
+		if s.cancelRead != nil {
+			s.cancelRead()
 		}
 		close(s.stopped)
 	})
@@ -510,6 +535,10 @@ func (c *Connector) startListener() {
 
 // dispatch hands a notification to the subscriptions of its schema.
 func (c *Connector) dispatch(n *pgconn.Notification) {
+	if strings.HasPrefix(n.Channel, "pgstore_log_") {
+		c.wakeLog(n.Channel)
+		return
+	}
 	nt, err := parseNotice(n.Payload)
 	if err != nil {
 		c.cfg.logger.Warn("pgstore: ignoring a notification that is not pgstore's", "channel", n.Channel, "err", err)
@@ -521,14 +550,22 @@ func (c *Connector) dispatch(n *pgconn.Notification) {
 	c.broadcast(n.Channel, nt)
 }
 
-// resyncAll tells every subscription that events may have been missed.
+// resyncAll tells every subscription of the NOTIFY feed that events may have
+// been missed; those that follow a log just look at it at once.
 func (c *Connector) resyncAll() {
 	c.subsMu.RLock()
 	schemas := make([]string, 0, len(c.subs))
 	for schema := range c.subs {
 		schemas = append(schemas, schema)
 	}
+	channels := make([]string, 0, len(c.logSubs))
+	for channel := range c.logSubs {
+		channels = append(channels, channel)
+	}
 	c.subsMu.RUnlock()
+	for _, channel := range channels {
+		c.wakeLog(channel)
+	}
 	for _, schema := range schemas {
 		c.broadcast(schema, &notice{typ: Resync, events: []Event{{Type: Resync, Schema: schema}}})
 	}

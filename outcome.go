@@ -146,6 +146,9 @@ func (s *sqlSink) Resolve(ctx context.Context, b *writebuf.Batch) (bool, error) 
 	}
 	s.lost = nil
 	s.spent = append(s.spent, a.token)
+	if committed {
+		s.c.logWritten()
+	}
 	return committed, nil
 }
 

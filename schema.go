@@ -191,6 +191,7 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		if err != nil {
 			return err
 		}
+		c.logged.Store(logged)
 		for _, stmt := range createTableSQL(schema, name, c.cfg.events, logged) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err

@@ -147,6 +147,7 @@ func (s *sqlSink) Write(ctx context.Context, b *writebuf.Batch) (writebuf.Failur
 	if err == nil {
 		s.committed(token)
 		s.markRefused(tables)
+		s.c.logWritten()
 		return 0, nil
 	}
 	if isUndefinedTable(err) {
@@ -366,6 +367,7 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 	}()
 	if err == nil {
 		s.committed(token)
+		s.c.logWritten()
 		return 0, nil
 	}
 	return s.lostOrNot(b, token, be, commitSent, classify(ctx, err), err)

@@ -1,0 +1,242 @@
+package pgstore
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgstore/pgstore/internal/backoff"
+)
+
+// A subscription on a schema with a change log follows the log: it reads
+// the entries after its position, a page at a time, and calls its handler
+// for each before it reads more. It lags when its handler is slow, and
+// never drops anything or holds more than a page. NOTIFY only wakes it up
+// early: it also looks every logPollInterval, so a lost wake-up costs
+// latency, never an event, and a lost LISTEN connection costs nothing.
+
+// Reading the log.
+const (
+	logPageEntries  = 500
+	logPageBytes    = 8 << 20 // a page stops at the entry that crosses it
+	logPollInterval = time.Second
+)
+
+// After makes a subscription on a schema with a change log start after the
+// given cursor (an Event's Cursor, saved by a process before it stopped, or
+// the cursor returned by List or GetMany), instead of at the log's end. A
+// cursor that is malformed, of another log, or beyond the log's end fails
+// Subscribe with ErrInvalidCursor; one older than the retention gets a Resync
+// whose Reason is ErrCursorExpired.
+func After(c string) Filter {
+	return func(sc *subscribeConfig) error {
+		cu, err := parseCursor(c)
+		if err != nil {
+			return fmt.Errorf("After: %w", err)
+		}
+		sc.after = &cu
+		return nil
+	}
+}
+
+// subscribeLog starts a subscription that follows the schema's log.
+func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscription, error) {
+	head, err := readHead(ctx, c.pool, s.cfg.schema)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: Subscribe: read the change log of %q: %w", s.cfg.schema, err)
+	}
+	pos := head.position
+	if a := s.cfg.after; a != nil {
+		switch {
+		case a.log != head.log:
+			return nil, fmt.Errorf("pgstore: Subscribe: %w %q: of another log than schema %q's (a schema destroyed and made again, or another schema)", ErrInvalidCursor, a.String(), s.cfg.schema)
+		case a.position > head.position:
+			return nil, fmt.Errorf("pgstore: Subscribe: %w %q: beyond the log's end, %d", ErrInvalidCursor, a.String(), head.position)
+		}
+		pos = a.position
+	}
+	channel := logChannel(s.cfg.schema)
+	s.readCtx, s.cancelRead = context.WithCancel(context.Background())
+	c.startListener()
+	c.subsMu.Lock()
+	if c.subs == nil { // closed meanwhile
+		c.subsMu.Unlock()
+		return nil, ErrClosed
+	}
+	if c.logSubs[channel] == nil {
+		c.logSubs[channel] = make(map[*Subscription]struct{})
+	}
+	c.logSubs[channel][s] = struct{}{}
+	c.subsMu.Unlock()
+	s.channel = channel
+	go s.follow(head.log, pos)
+	if err := c.listener.Listen(ctx, channel); err != nil {
+		s.close(false)
+		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", channel, err)
+	}
+	return s, nil
+}
+
+// follow reads the log after pos and delivers it, until the subscription
+// stops.
+func (s *Subscription) follow(logID string, pos int64) {
+	defer close(s.done)
+	s.gid.Store(goid())
+	wait := backoff.Backoff{Min: 50 * time.Millisecond, Max: 5 * time.Second}
+	poll := time.NewTimer(logPollInterval)
+	defer poll.Stop()
+	for {
+		page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos)
+		switch {
+		case s.readCtx.Err() != nil:
+			return
+		case isUndefinedTable(err):
+			s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone})
+			<-s.stopped // nothing more to read
+			return
+		case err != nil:
+			s.c.cfg.logger.Warn("pgstore: cannot read the change log; retrying", "schema", s.cfg.schema, "err", err)
+			if !s.sleep(wait.Next()) {
+				return
+			}
+			continue
+		case head.log != logID:
+			s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone, Cursor: cursor{log: head.log}.String()})
+			logID, pos = head.log, 0
+			continue
+		case pos < head.dropped:
+			// The entries after pos are gone: go on from the end.
+			at := cursor{log: logID, position: head.position}
+			if !s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrCursorExpired, Cursor: at.String()}) {
+				return
+			}
+			pos = head.position
+			continue
+		}
+		wait.Reset()
+		for _, e := range page {
+			ev := e.event(s.cfg.schema, logID)
+			if s.wants(ev) && !s.call(ev) {
+				return
+			}
+			pos = e.position
+		}
+		if len(page) > 0 && pos < head.position {
+			continue // more to read at once
+		}
+		poll.Reset(logPollInterval)
+		select {
+		case <-s.stopped:
+			return
+		case <-s.wake:
+		case <-poll.C:
+		}
+	}
+}
+
+func (s *Subscription) sleep(d time.Duration) bool {
+	select {
+	case <-s.stopped:
+		return false
+	case <-s.wake:
+		return true
+	default:
+	}
+	return backoff.Sleep(s.readCtx, d)
+}
+
+// wants applies the filters to an event of the log.
+func (s *Subscription) wants(e Event) bool {
+	return (s.cfg.types == 0 || s.cfg.types.has(e.Type)) && (s.cfg.tables == nil || s.cfg.tables[e.Table])
+}
+
+// readLog reads a page of the entries after pos, with the head.
+func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]logEntry, logHeadRow, error) {
+	head, err := readHead(ctx, c.pool, schema)
+	if err != nil {
+		return nil, head, err
+	}
+	if pos < head.dropped || pos >= head.position {
+		return nil, head, nil
+	}
+	rows, err := c.pool.Query(ctx, "SELECT position, off, tbl, coalesce(id, ''), op, coalesce(version, 0), val FROM "+
+		pgx.Identifier{schema, logEntries}.Sanitize()+" WHERE position > $1 ORDER BY position LIMIT $2", pos, logPageEntries)
+	if err != nil {
+		return nil, head, err
+	}
+	defer rows.Close()
+	var page []logEntry
+	bytes := 0
+	for rows.Next() {
+		var e logEntry
+		var op string
+		var val []byte
+		if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &op, &e.version, &val); err != nil {
+			return nil, head, err
+		}
+		e.op = op
+		if val != nil {
+			e.value = json.RawMessage(val)
+		}
+		page = append(page, e)
+		if bytes += len(val); bytes >= logPageBytes {
+			break
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, head, err
+	}
+	// Entries this reader has not yet seen cannot be missing in between:
+	// appends are serialised and visible in position order.
+	if len(page) > 0 && page[0].position != pos+1 && pos >= head.dropped {
+		return nil, head, fmt.Errorf("pgstore: internal error: the change log skips from %d to %d", pos, page[0].position)
+	}
+	return page, head, nil
+}
+
+// wakeLog wakes the subscriptions that follow the log of a channel.
+func (c *Connector) wakeLog(channel string) {
+	c.subsMu.RLock()
+	defer c.subsMu.RUnlock()
+	for s := range c.logSubs[channel] {
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// logWritten is told by the flusher that a batch committed: it wakes this
+// connector's own subscriptions at once, and, through one NOTIFY sent after
+// the commit, the other connectors'. A NOTIFY that fails (the queue full,
+// the server gone) costs them latency only: they also poll.
+func (c *Connector) logWritten() {
+	if !c.logged.Load() {
+		return
+	}
+	c.wakeLog(logChannel(c.cfg.schema))
+	select {
+	case c.wakeOthers <- struct{}{}:
+	default:
+	}
+}
+
+// announceLoop sends the wake-ups of logWritten, one at a time: writes that
+// commit while one is being sent share the next.
+func (c *Connector) announceLoop(ctx context.Context) {
+	defer close(c.announcerDone)
+	channel := logChannel(c.cfg.schema)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.wakeOthers:
+		}
+		if _, err := c.pool.Exec(ctx, "SELECT pg_notify($1, '')", channel); err != nil && ctx.Err() == nil {
+			c.cfg.logger.Debug("pgstore: change log wake-up not sent; readers will poll", "err", err)
+		}
+	}
+}
