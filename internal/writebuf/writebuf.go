@@ -244,8 +244,13 @@ func New(cfg Config, sink Sink) *Buffer {
 // wait. What it returns reports the outcome, or why it was not accepted.
 func (b *Buffer) Enqueue(ctx context.Context, op Op) *Result {
 	cost := len(op.Value) + ResultOverhead
+	set := op.Value != nil
 	b.mu.Lock()
 	for !b.closed && b.bytes > 0 && b.bytes+cost+len(op.ID)+KeyOverhead > b.cfg.Limit {
+		if err := b.guardLocked(op); err != nil {
+			b.mu.Unlock()
+			return Failed(err) // at once, not after waiting for room
+		}
 		room := b.room
 		b.starved = true // a full buffer is flushed without waiting for the interval
 		b.mu.Unlock()
@@ -261,12 +266,9 @@ func (b *Buffer) Enqueue(ctx context.Context, op Op) *Result {
 		b.mu.Unlock()
 		return Failed(ErrClosed)
 	}
-	set := op.Value != nil
-	if b.cfg.Guard && set {
-		if newer, ok := b.lookupLocked(op.Table, op.ID); ok && newer.Value != nil && newer.Version > op.Version {
-			b.mu.Unlock()
-			return Failed(b.cfg.Conflict(op.Table, op.ID, op.Version))
-		}
+	if err := b.guardLocked(op); err != nil {
+		b.mu.Unlock()
+		return Failed(err)
 	}
 	var cur *batch
 	if n := len(b.batches); n > 0 && !b.batches[n-1].inFlight && b.batches[n-1].count < b.cfg.MaxBatch &&
@@ -304,6 +306,18 @@ func (b *Buffer) Enqueue(ctx context.Context, op Op) *Result {
 		b.signal()
 	}
 	return res
+}
+
+// guardLocked refuses, with the version guard on, a set older than the
+// buffered set of its key.
+func (b *Buffer) guardLocked(op Op) error {
+	if !b.cfg.Guard || op.Value == nil {
+		return nil
+	}
+	if newer, ok := b.lookupLocked(op.Table, op.ID); ok && newer.Value != nil && newer.Version > op.Version {
+		return b.cfg.Conflict(op.Table, op.ID, op.Version)
+	}
+	return nil
 }
 
 func (bt *batch) deletes(tbl, id string) bool {
@@ -535,6 +549,10 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 				b.cfg.Logger.Warn("pgstore: batch too large for the server, halving it", "records", v.count, "err", err)
 				first, second := v.halves()
 				b.flush(ctx, first, due, deadline)
+				if ctx.Err() != nil {
+					failAll(second, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
+					return
+				}
 				b.flush(ctx, second, due, deadline)
 				return
 			}
@@ -543,6 +561,7 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 			if rerr != nil {
 				err = fmt.Errorf("%w: the commit was sent, its answer lost (%w), and the server could not be asked whether it committed: %w", ErrOutcomeUnknown, err, rerr)
 				b.cfg.Logger.Error("pgstore: batch outcome unknown", "records", v.count, "err", err)
+				b.failing, b.failingAt = rerr, time.Now()
 				failAll(v, err)
 				return
 			}
