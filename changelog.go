@@ -268,3 +268,75 @@ func readLogSQL(schema string) string {
 			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
 		ORDER BY e.position`
 }
+
+// janitorLockSQL elects the one connector that rotates a schema's log.
+const janitorLockSQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('pgstore log janitor ' || $1, 0))"
+
+// rotateLog empties the oldest partition of the log and makes it take the
+// appends, if half the retention has passed since the last rotation (or
+// always, with force), and if no other connector is at it. It reports
+// whether it rotated.
+func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rotated bool, err error) {
+	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		var elected bool
+		if err := tx.QueryRow(ctx, janitorLockSQL, schema).Scan(&elected); err != nil || !elected {
+			return err
+		}
+		// Appends wait behind this lock while the partition is emptied:
+		// never for long.
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '5s'"); err != nil {
+			return err
+		}
+		head := pgx.Identifier{schema, logHead}.Sanitize()
+		var part int
+		var due bool
+		err := tx.QueryRow(ctx, "SELECT part, now() - rotated_at >= retention / 2 FROM "+head+" FOR UPDATE").Scan(&part, &due)
+		if err != nil || !(due || force) {
+			return err
+		}
+		next := (part + 1) % logParts
+		var last int64
+		if err := tx.QueryRow(ctx, "SELECT coalesce(max(position), 0) FROM "+logPart(schema, next)).Scan(&last); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "TRUNCATE "+logPart(schema, next)); err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, "UPDATE "+head+" SET part = $1, rotated_at = now(), dropped = greatest(dropped, $2)", next, last)
+		rotated = err == nil
+		return err
+	})
+	return rotated, err
+}
+
+// janitorInterval is how often a connector looks whether its schema's log
+// is due a rotation: an eighth of the retention, within a second and a
+// minute. A connector without WithChangeLog does not know the retention,
+// and looks every minute.
+func janitorInterval(retention time.Duration) time.Duration {
+	if retention == 0 {
+		return time.Minute
+	}
+	return min(max(retention/8, time.Second), time.Minute)
+}
+
+// janitorLoop rotates the log of the connector's schema on time, for as long
+// as the connector runs; connectors on one schema take turns.
+func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
+	defer close(c.janitorDone)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !c.logged.Load() {
+			continue
+		}
+		if _, err := rotateLog(ctx, c.pool, c.cfg.schema, false); err != nil && ctx.Err() == nil && !isUndefinedTable(err) {
+			c.cfg.logger.Warn("pgstore: change log retention failed; will try again", "schema", c.cfg.schema, "err", err)
+		}
+	}
+}

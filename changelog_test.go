@@ -1,6 +1,7 @@
 package pgstore_test
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -8,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // eventLog collects a subscription's events, and signals each arrival.
@@ -82,4 +84,93 @@ func TestTheChangeLogDeliversValuesCursorsAndOffsetsInCommitOrder(t *testing.T) 
 		require.EqualValues(t, i+1, e.Offset, "offsets number a table's changes")
 		require.NotEmpty(t, e.Cursor)
 	}
+}
+
+func TestASubscriptionResumesExactlyAfterASavedCursor(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour))
+	first := newEventLog()
+	sub, err := c.Subscribe(ctx, first.handle, pgstore.ForTables("k"))
+	require.NoError(t, err)
+	for i := range 10 {
+		require.NoError(t, c.Set(ctx, fmt.Sprintf("k/%d", i), 1, i))
+	}
+	events := first.waitFor(t, 11) // CREATE_TABLE and ten inserts
+	sub.Close()
+	saved := events[5].Cursor // as a process saves it before it stops
+
+	// Another process, later: it resumes after the saved cursor.
+	again := connectSchema(t, schema)
+	resumed := newEventLog()
+	sub, err = again.Subscribe(ctx, resumed.handle, pgstore.After(saved))
+	require.NoError(t, err)
+	defer sub.Close()
+	got := resumed.waitFor(t, 5)
+	for i, e := range got {
+		require.Equal(t, events[6+i].Cursor, e.Cursor)
+		require.Equal(t, events[6+i].Key, e.Key)
+	}
+	require.NoError(t, c.Set(ctx, "k/later", 1, "later"))
+	require.Equal(t, "k/later", resumed.waitFor(t, 6)[5].Key, "and goes on with what comes next")
+}
+
+func TestBadCursorsAreRefusedWithErrInvalidCursor(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t, pgstore.WithChangeLog(time.Hour))
+	other := connect(t, pgstore.WithChangeLog(time.Hour))
+	require.NoError(t, other.Set(ctx, "k/x", 1, 1))
+	_, otherCursor, err := other.List(ctx, "k", "", 1)
+	require.NoError(t, err)
+	_, mine, err := c.List(ctx, "k", "", 1)
+	require.NoError(t, err)
+	future := mine[:len(mine)-1] + "9"
+
+	for name, cur := range map[string]string{"malformed": "not a cursor", "of another log": otherCursor, "beyond the end": future} {
+		_, err := c.Subscribe(ctx, func(pgstore.Event) {}, pgstore.After(cur))
+		require.ErrorIs(t, err, pgstore.ErrInvalidCursor, name)
+	}
+}
+
+func TestAnExpiredCursorGetsOneResyncAndListThenCatchesUpExactly(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t, pgstore.WithChangeLog(time.Hour))
+	for i := range 5 {
+		require.NoError(t, c.Set(ctx, fmt.Sprintf("k/%d", i), 1, i))
+	}
+	_, old, err := c.List(ctx, "k", "", 1)
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "k/0", 2, "changed"))
+	require.NoError(t, c.Delete(ctx, "k/1"))
+	for range 4 { // every partition emptied once: the entries after old are gone
+		require.NoError(t, c.RotateLog(ctx))
+	}
+
+	got := newEventLog()
+	sub, err := c.Subscribe(ctx, got.handle, pgstore.After(old))
+	require.NoError(t, err)
+	defer sub.Close()
+	resync := got.waitFor(t, 1)[0]
+	require.Equal(t, pgstore.Resync, resync.Type)
+	require.ErrorIs(t, resync.Reason, pgstore.ErrCursorExpired)
+	require.NotEmpty(t, resync.Cursor)
+
+	// Re-read the state, then the changes after it.
+	records, at, err := c.List(ctx, "k", "", 100)
+	require.NoError(t, err)
+	state := map[string]string{}
+	for _, r := range records {
+		state[r.Key] = string(r.Value)
+	}
+	require.NoError(t, c.Set(ctx, "k/2", 2, "after"))
+	follow := newEventLog()
+	sub2, err := c.Subscribe(ctx, follow.handle, pgstore.After(at))
+	require.NoError(t, err)
+	defer sub2.Close()
+	e := follow.waitFor(t, 1)[0]
+	state[e.Key] = string(e.Value)
+	require.Equal(t, map[string]string{"k/0": `"changed"`, "k/2": `"after"`, "k/3": `3`, "k/4": `4`}, state)
 }

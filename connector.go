@@ -78,10 +78,11 @@ type Connector struct {
 	subs         map[string]map[*Subscription]struct{} // of the NOTIFY feed, by schema
 	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
 
-	logged        atomic.Bool   // the schema has a change log
-	wakeOthers    chan struct{} // see logWritten
-	stopAnnouncer context.CancelFunc
+	logged        atomic.Bool        // the schema has a change log
+	wakeOthers    chan struct{}      // see logWritten
+	stopAnnouncer context.CancelFunc // and the janitor
 	announcerDone chan struct{}
+	janitorDone   chan struct{}
 
 	closing   atomic.Bool
 	closeOnce sync.Once
@@ -187,6 +188,8 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	announceCtx, stopAnnouncer := context.WithCancel(context.Background())
 	c.stopAnnouncer = stopAnnouncer
 	go c.announceLoop(announceCtx)
+	c.janitorDone = make(chan struct{})
+	go c.janitorLoop(announceCtx, janitorInterval(cfg.changeLog))
 	c.listenerDone = make(chan struct{})
 	c.buf = writebuf.New(writebuf.Config{
 		Interval:     cfg.writeInterval,
@@ -454,6 +457,7 @@ func (c *Connector) closeFeed(ctx context.Context) error {
 	}
 	c.stopAnnouncer()
 	<-c.announcerDone
+	<-c.janitorDone
 	c.listenerOnce.Do(func() { close(c.listenerDone) }) // never started
 	if c.stopListener != nil {
 		c.stopListener()

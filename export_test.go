@@ -1,6 +1,9 @@
 package pgstore
 
-import "time"
+import (
+	"context"
+	"time"
+)
 
 // StageMinRows is the number of sets to one table from which a batch is
 // copied through the staging table, for tests that must cross it.
@@ -22,4 +25,11 @@ func WithMinAttempt(d time.Duration) Option {
 		c.minAttempt = d
 		return nil
 	}
+}
+
+// RotateLog rotates the connector's change log now, as its janitor does when
+// half the retention has passed, so that a test can expire entries.
+func (c *Connector) RotateLog(ctx context.Context) error {
+	_, err := rotateLog(ctx, c.pool, c.cfg.schema, true)
+	return err
 }
