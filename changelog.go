@@ -260,15 +260,16 @@ func (e logEntry) event(schema, logID string) Event {
 	return ev
 }
 
-// readLogSQL reads a page of entries after a position, with the head.
+// readLogSQL reads a page of entries after a position ($1, at most $2), each
+// row with the head; with no entries, one row of the head alone.
 func readLogSQL(schema string) string {
-	return `SELECT h.dropped, h.position, e.position, e.off, e.tbl, coalesce(e.id, ''), e.op, coalesce(e.version, 0), e.val
+	return `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
+			e.position, e.off, e.tbl, coalesce(e.id, ''), e.op::text, coalesce(e.version, 0), e.val
 		FROM ` + pgx.Identifier{schema, logHead}.Sanitize() + ` h
 		LEFT JOIN LATERAL (SELECT * FROM ` + pgx.Identifier{schema, logEntries}.Sanitize() + `
 			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
 		ORDER BY e.position`
 }
-
 // janitorLockSQL elects the one connector that rotates a schema's log.
 const janitorLockSQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('pgstore log janitor ' || $1, 0))"
 

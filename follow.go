@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/pgstore/pgstore/internal/backoff"
 )
 
@@ -153,17 +151,11 @@ func (s *Subscription) wants(e Event) bool {
 	return (s.cfg.types == 0 || s.cfg.types.has(e.Type)) && (s.cfg.tables == nil || s.cfg.tables[e.Table])
 }
 
-// readLog reads a page of the entries after pos, with the head.
+// readLog reads a page of the entries after pos, with the head, in one
+// round trip.
 func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]logEntry, logHeadRow, error) {
-	head, err := readHead(ctx, c.pool, schema)
-	if err != nil {
-		return nil, head, err
-	}
-	if pos < head.dropped || pos >= head.position {
-		return nil, head, nil
-	}
-	rows, err := c.pool.Query(ctx, "SELECT position, off, tbl, coalesce(id, ''), op, coalesce(version, 0), val FROM "+
-		pgx.Identifier{schema, logEntries}.Sanitize()+" WHERE position > $1 ORDER BY position LIMIT $2", pos, logPageEntries)
+	var head logHeadRow
+	rows, err := c.pool.Query(ctx, readLogSQL(schema), pos, logPageEntries)
 	if err != nil {
 		return nil, head, err
 	}
@@ -171,13 +163,18 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]lo
 	var page []logEntry
 	bytes := 0
 	for rows.Next() {
-		var e logEntry
-		var op string
-		var val []byte
-		if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &op, &e.version, &val); err != nil {
+		var (
+			position, offset, version *int64
+			table, id, op             *string
+			val                       []byte
+		)
+		if err := rows.Scan(&head.log, &head.position, &head.dropped, &position, &offset, &table, &id, &op, &version, &val); err != nil {
 			return nil, head, err
 		}
-		e.op = op
+		if position == nil {
+			break // no entries: the row of the head alone
+		}
+		e := logEntry{position: *position, offset: *offset, table: *table, id: *id, op: *op, version: *version}
 		if val != nil {
 			e.value = json.RawMessage(val)
 		}
@@ -189,9 +186,12 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]lo
 	if err := rows.Err(); err != nil {
 		return nil, head, err
 	}
+	if pos < head.dropped {
+		return nil, head, nil // expired: what was read may not follow pos
+	}
 	// Entries this reader has not yet seen cannot be missing in between:
 	// appends are serialised and visible in position order.
-	if len(page) > 0 && page[0].position != pos+1 && pos >= head.dropped {
+	if len(page) > 0 && page[0].position != pos+1 {
 		return nil, head, fmt.Errorf("pgstore: internal error: the change log skips from %d to %d", pos, page[0].position)
 	}
 	return page, head, nil

@@ -36,15 +36,19 @@ type changeSide struct {
 // sides take turns, sample by sample.
 func changeFigures(ctx context.Context, e *env) error {
 	const figure = "change"
-	var pg, raw *changeSide
+	var pg, pgLog, raw *changeSide
 	err := labelled(ctx, figure, "pgstore", func(ctx context.Context) (err error) {
-		pg, err = e.pgstoreChangeSide(ctx)
+		if pg, err = e.pgstoreChangeSide(ctx, false); err != nil {
+			return err
+		}
+		pgLog, err = e.pgstoreChangeSide(ctx, true)
 		return err
 	})
 	if err != nil {
 		return err
 	}
 	defer pg.stop()
+	defer pgLog.stop()
 	err = labelled(ctx, figure, "raw", func(ctx context.Context) (err error) {
 		raw, err = e.rawChangeSide(ctx)
 		return err
@@ -55,9 +59,9 @@ func changeFigures(ctx context.Context, e *env) error {
 	defer raw.stop()
 
 	for i := -changeWarmup; i < e.s.changes; i++ {
-		sides := []*changeSide{pg, raw}
+		sides := []*changeSide{pg, pgLog, raw}
 		if i%2 != 0 {
-			sides[0], sides[1] = raw, pg
+			sides[0], sides[2] = raw, pg
 		}
 		for _, side := range sides {
 			err := labelled(ctx, figure, side.name, func(ctx context.Context) error {
@@ -68,7 +72,7 @@ func changeFigures(ctx context.Context, e *env) error {
 			}
 		}
 	}
-	for _, side := range []*changeSide{pg, raw} {
+	for _, side := range []*changeSide{pg, pgLog, raw} {
 		if len(side.event) == 0 {
 			return fmt.Errorf("%s: none of %d changes heard", side.name, e.s.changes)
 		}
@@ -84,6 +88,12 @@ func changeFigures(ctx context.Context, e *env) error {
 		figure, pg50, pg99, pgWrite, raw50, raw99, rawWrite)
 	e.rep.set("change_p50", micros(pg50), micros(raw50))
 	e.rep.set("change_p99", micros(pg99), micros(raw99))
+	log50, log99 := percentiles(pgLog.event)
+	progress("%s: pgstore with the change log p50 %v p99 %v", figure, log50, log99)
+	e.rep.set("change_log_p50", micros(log50), micros(raw50))
+	e.rep.set("change_log_p99", micros(log99), micros(raw99))
+	e.rep.note("change_log_p50/p99: the same, with the change log on, the write through one connector and the subscription on another " +
+		"(another node: woken by the NOTIFY sent after the commit, then reading the log)")
 	e.rep.note("change_p50/p99: %d updates of one key, one at a time, timed from the call of Set (write interval 0, feed on) to the subscriber's handler; "+
 		"ceiling = autocommit single-row upsert into a table with a row-level AFTER trigger doing pg_notify(channel, NEW.id), "+
 		"heard by WaitForNotification on a dedicated pgx.Conn; the sides take turns sample by sample", e.s.changes)
@@ -123,11 +133,22 @@ func (s *changeSide) sample(ctx context.Context, version int64, keep bool) error
 
 // pgstoreChangeSide updates one key with Set and hears each version in a
 // subscription's handler.
-func (e *env) pgstoreChangeSide(ctx context.Context) (*changeSide, error) {
+func (e *env) pgstoreChangeSide(ctx context.Context, logged bool) (*changeSide, error) {
 	const table, id = "chg", "k"
-	c, err := e.connect(ctx, e.schema)
+	schema, name, opts := e.schema, "pgstore", []pgstore.Option(nil)
+	if logged {
+		schema, name, opts = e.logged, "pgstore-log", []pgstore.Option{pgstore.WithChangeLog(time.Hour)}
+	}
+	c, err := e.connect(ctx, schema, opts...)
 	if err != nil {
 		return nil, err
+	}
+	listener := c
+	if logged {
+		if listener, err = e.connect(ctx, schema); err != nil {
+			c.close()
+			return nil, err
+		}
 	}
 	val := appendValue(nil, 0, 1, e.s.valueBytes)
 	// Create the table first: its CREATE_TABLE event is not a sample.
@@ -136,8 +157,8 @@ func (e *env) pgstoreChangeSide(ctx context.Context) (*changeSide, error) {
 		return nil, err
 	}
 	var want atomic.Int64
-	side := &changeSide{name: "pgstore", heard: make(chan time.Time, 1)}
-	sub, err := c.Subscribe(ctx, func(ev pgstore.Event) {
+	side := &changeSide{name: name, heard: make(chan time.Time, 1)}
+	sub, err := listener.Subscribe(ctx, func(ev pgstore.Event) {
 		if (ev.Type == pgstore.Insert || ev.Type == pgstore.Update) && ev.ID == id && ev.Version == want.Load() {
 			at := time.Now()
 			select {
@@ -157,6 +178,9 @@ func (e *env) pgstoreChangeSide(ctx context.Context) (*changeSide, error) {
 	side.stop = func() {
 		sub.Close()
 		c.close()
+		if listener != c {
+			listener.close()
+		}
 	}
 	return side, nil
 }

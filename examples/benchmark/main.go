@@ -178,6 +178,8 @@ type env struct {
 	// schema of its own, so that no connector brings the triggers of the
 	// other's tables in line with its own events.
 	noFeed string
+	// logged is the schema of the connectors with the change log on.
+	logged string
 }
 
 func measure(ctx context.Context, s settings, rep *report) error {
@@ -197,7 +199,7 @@ func measure(ctx context.Context, s settings, rep *report) error {
 		return err
 	}
 	name := "pgstore_bench_" + hex.EncodeToString(b[:])
-	e := &env{s: s, rep: rep, raw: raw, schema: name, noFeed: name + "_nofeed"}
+	e := &env{s: s, rep: rep, raw: raw, schema: name, noFeed: name + "_nofeed", logged: name + "_log"}
 	defer e.dropSchemas()
 	rep.poolSize = int(raw.Config().MaxConns)
 
@@ -223,7 +225,7 @@ func measure(ctx context.Context, s settings, rep *report) error {
 func (e *env) dropSchemas() {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	for _, s := range []string{e.schema, e.noFeed} {
+	for _, s := range []string{e.schema, e.noFeed, e.logged} {
 		if _, err := e.raw.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE"); err != nil {
 			fmt.Fprintf(os.Stderr, "benchmark: drop schema %q: %v\n", s, err)
 		}

@@ -36,12 +36,16 @@ var figureDefs = []figureDef{
 	{"write_update_feed", "write, updates, feed on", "rec/s", throughput, "ratio ≥ 0.85", 0.85},
 	{"write_fresh_nofeed", "write, fresh keys, feed off", "rec/s", throughput, "ratio ≥ 0.85", 0.85},
 	{"write_update_nofeed", "write, updates, feed off", "rec/s", throughput, "ratio ≥ 0.85", 0.85},
+	{"write_fresh_log", "write, fresh keys, change log", "rec/s", throughput, "ratio ≥ 0.85", 0.85},
+	{"write_update_log", "write, updates, change log", "rec/s", throughput, "ratio ≥ 0.85", 0.85},
 	{"write_concurrent", "write, concurrent Set", "rec/s", throughput, "none", 0},
 	{"get_p50", "Get latency p50", "µs", latency, "ratio ≥ 0.8", 0.8},
 	{"get_p99", "Get latency p99", "µs", latency, "none", 0},
 	{"get_concurrent", "Get, concurrent", "get/s", throughput, "none", 0},
 	{"change_p50", "change latency p50", "µs", latency, "ratio ≥ 0.5", 0.5},
 	{"change_p99", "change latency p99", "µs", latency, "none", 0},
+	{"change_log_p50", "change latency p50, change log", "µs", latency, "ratio ≥ 0.5", 0.5},
+	{"change_log_p99", "change latency p99, change log", "µs", latency, "none", 0},
 	{"peak_heap_mb", "peak heap, SetAsync run", "MB", heap, fmt.Sprintf("< %d MB", heapTargetMB), 1},
 }
 

@@ -217,9 +217,16 @@ func (b bestOf) ceiling() (float64, string) {
 // triggers.
 func writeFigures(ctx context.Context, e *env) error {
 	d := newDataset(e.s.records, e.s.valueBytes)
-	for _, feed := range []string{"feed", "nofeed"} {
+	for _, feed := range []string{"feed", "nofeed", "log"} {
 		if err := e.writeFigure(ctx, d, feed); err != nil {
 			return err
+		}
+	}
+	for _, phase := range []string{"fresh", "update"} {
+		logged, fed := e.rep.values["write_"+phase+"_log"], e.rep.values["write_"+phase+"_feed"]
+		if logged.pgstore != nil && fed.pgstore != nil {
+			e.rep.note("write_%s_log: the cost of durability, pgstore with the change log / pgstore with the NOTIFY feed = %.3f",
+				phase, *logged.pgstore / *fed.pgstore)
 		}
 	}
 	e.rep.note("write_*: %d records of %d bytes through SetAsync from one goroutine with default options, every Result waited on; "+
@@ -233,8 +240,11 @@ func writeFigures(ctx context.Context, e *env) error {
 func (e *env) writeFigure(ctx context.Context, d *dataset, feed string) error {
 	figure := "write_" + feed
 	schema, opts := e.schema, []pgstore.Option(nil)
-	if feed == "nofeed" {
+	switch feed {
+	case "nofeed":
 		schema, opts = e.noFeed, []pgstore.Option{pgstore.WithEvents()}
+	case "log":
+		schema, opts = e.logged, []pgstore.Option{pgstore.WithChangeLog(time.Hour)}
 	}
 	c, err := e.connectLabelled(ctx, figure, schema, opts...)
 	if err != nil {
