@@ -270,6 +270,7 @@ func readLogSQL(schema string) string {
 			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
 		ORDER BY e.position`
 }
+
 // janitorLockSQL elects the one connector that rotates a schema's log.
 const janitorLockSQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('pgstore log janitor ' || $1, 0))"
 
