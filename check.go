@@ -312,14 +312,13 @@ func (c *Connector) checkOwnership(ctx context.Context, r *Report) error {
 // another, both from the pool, as the change feed does.
 func (c *Connector) checkNotify(ctx context.Context, r *Report) error {
 	const name = "LISTEN/NOTIFY"
-	acquired, err := c.pool.Acquire(ctx)
+	// The listening connection is closed afterwards rather than returned
+	// to the pool, and is not the pool's: the NOTIFY has a place even with
+	// a pool of one.
+	conn, err := c.listeningConn(ctx)
 	if err != nil {
 		return err
 	}
-	// The listening connection is closed afterwards rather than returned
-	// to the pool, and hijacking it frees its place for the NOTIFY, even
-	// with a pool of one.
-	conn := acquired.Hijack()
 	defer func() {
 		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 		defer cancel()

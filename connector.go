@@ -160,11 +160,10 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	}
 	c.listener = &listener.Listener{
 		Connect: func(ctx context.Context) (*pgx.Conn, error) {
-			pooled, err := c.pool.Acquire(ctx)
+			conn, err := c.listeningConn(ctx)
 			if err != nil {
 				return nil, err
 			}
-			conn := pooled.Hijack()
 			// A listening connection is idle between notifications: a
 			// server's idle_session_timeout must not end it (and force a
 			// Resync) while the server is well. Servers before 14 lack

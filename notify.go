@@ -521,6 +521,40 @@ func goid() uint64 {
 	return id
 }
 
+// listeningConn returns a connection of the pool's settings for LISTEN, which
+// the pool no longer counts: one hijacked from the pool, unless the pool's
+// connections hand notifications to an OnNotification of the caller's, in
+// which case pgx would not buffer them for WaitForNotification. It then opens
+// one like the pool's, with the pool's BeforeConnect and AfterConnect hooks.
+func (c *Connector) listeningConn(ctx context.Context) (*pgx.Conn, error) {
+	cfg := c.pool.Config()
+	if cfg.ConnConfig.OnNotification == nil {
+		pooled, err := c.pool.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return pooled.Hijack(), nil
+	}
+	cc := cfg.ConnConfig // a copy
+	cc.OnNotification = nil
+	if cfg.BeforeConnect != nil {
+		if err := cfg.BeforeConnect(ctx, cc); err != nil {
+			return nil, err
+		}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.AfterConnect != nil {
+		if err := cfg.AfterConnect(ctx, conn); err != nil {
+			conn.Close(ctx)
+			return nil, err
+		}
+	}
+	return conn, nil
+}
+
 // startListener starts the connector's LISTEN connection on first use.
 func (c *Connector) startListener() {
 	c.listenerOnce.Do(func() {

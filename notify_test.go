@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -697,4 +699,36 @@ func TestFeedAFlushOfManyRowsSendsFewNotifications(t *testing.T) {
 	require.Equal(t, n, rows)
 	require.Less(t, notifications, n/50, "rows are grouped, not sent one by one")
 	t.Logf("%d rows in %d notifications", rows, notifications)
+}
+
+func TestAPoolWithItsOwnNotificationHandlerStillFeedsSubscriptions(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	require.NoError(t, err)
+	var own atomic.Int64
+	cfg.ConnConfig.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) { own.Add(1) }
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	c := newOnPool(t, pool)
+
+	heard := make(chan pgstore.Event, 10)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { heard <- e })
+	require.NoError(t, err)
+	defer sub.Close()
+	require.NoError(t, c.Set(ctx, "own/k", 1, 1))
+	for e := range heard {
+		if e.Type == pgstore.Insert {
+			require.Equal(t, "own/k", e.Key)
+			break
+		}
+	}
+	report, err := c.Check(ctx)
+	require.NoError(t, err)
+	for _, item := range report.Checks {
+		if item.Name == "LISTEN/NOTIFY" {
+			require.True(t, item.OK, "Check's round trip works on such a pool too: %s", item.Detail)
+		}
+	}
 }
