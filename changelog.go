@@ -117,13 +117,30 @@ $fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifie
 }
 
 // appendDDL appends a table event to the log inside the DDL's transaction.
+// The head is locked before the table's offset, as the triggers lock them,
+// so that the two never wait on each other: in two statements, since the
+// parts of one statement run in no set order.
 func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
-	_, err := tx.Exec(ctx, `WITH h AS (UPDATE `+pgx.Identifier{schema, logHead}.Sanitize()+` SET position = position + 1 RETURNING position, part),
-		o AS (INSERT INTO `+pgx.Identifier{schema, logOffsets}.Sanitize()+` AS t (tbl, off) VALUES ($1, 1)
+	var position int64
+	var part int
+	err := tx.QueryRow(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET position = position + 1 RETURNING position, part").
+		Scan(&position, &part)
+	if err != nil {
+		return err
+	}
+	_, err = tx.Exec(ctx, `WITH o AS (INSERT INTO `+pgx.Identifier{schema, logOffsets}.Sanitize()+` AS t (tbl, off) VALUES ($1, 1)
 			ON CONFLICT (tbl) DO UPDATE SET off = t.off + 1 RETURNING off)
 		INSERT INTO `+pgx.Identifier{schema, logEntries}.Sanitize()+` (part, position, tbl, off, op)
-		SELECT h.part, h.position, $1, o.off, $2 FROM h, o`, table, logOps[t])
+		SELECT $3, $4, $1, o.off, $2 FROM o`, table, logOps[t], part, position)
 	return err
+}
+
+// lockHeadSQL takes the log's head lock first thing in a batch's
+// transaction. The triggers take it at the first statement's end, after
+// that statement's row locks: a batch that then wrote rows another batch
+// had locked before it waited for the head would wait in a cycle.
+func lockHeadSQL(schema string) string {
+	return "SELECT FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE"
 }
 
 // hasLog reports whether the schema has a change log.

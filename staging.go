@@ -81,6 +81,9 @@ func (s *sqlSink) writeStaged(ctx context.Context, tables []*tableBatch, token s
 	if renew {
 		begin += renewStaging
 	}
+	if c.logged.Load() {
+		begin += "; " + lockHeadSQL(c.cfg.schema) // see lockHeadSQL
+	}
 	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: begin})
 	if err != nil {
 		var pgErr *pgconn.PgError
