@@ -174,3 +174,40 @@ func TestAnExpiredCursorGetsOneResyncAndListThenCatchesUpExactly(t *testing.T) {
 	state[e.Key] = string(e.Value)
 	require.Equal(t, map[string]string{"k/0": `"changed"`, "k/2": `"after"`, "k/3": `3`, "k/4": `4`}, state)
 }
+
+func TestCheckReportsTheLogAndASessionThatHoldsItsHead(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithStuckAfter(0))
+	require.NoError(t, c.Set(ctx, "k/x", 1, 1))
+	logItem := func() pgstore.CheckResult {
+		t.Helper()
+		report, err := c.Check(ctx)
+		require.NoError(t, err)
+		for _, item := range report.Checks {
+			if item.Name == "change log" {
+				return item
+			}
+		}
+		t.Fatal("no change log check")
+		return pgstore.CheckResult{}
+	}
+	item := logItem()
+	require.True(t, item.OK, item.Detail)
+	require.Contains(t, item.Detail, "retention 1h0m0s; positions 1 to 2")
+
+	// A session writes and then sits in its transaction: every write waits.
+	conn, err := pgtest.Pool(t).Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	tx, err := conn.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx) //nolint:errcheck
+	_, err = tx.Exec(ctx, "UPDATE "+ident(schema, "k")+" SET version = 2")
+	require.NoError(t, err)
+	item = logItem()
+	require.False(t, item.OK)
+	require.Contains(t, item.Detail, "idle in a transaction")
+	require.Contains(t, item.Fix, "pg_terminate_backend")
+}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -116,6 +117,10 @@ const (
 //     reaches another that listens, which a bouncer in transaction mode
 //     prevents.
 //   - "notification queue": the server's queue is at most half full.
+//   - "change log": whether the schema has one; if so its retention, its
+//     oldest and newest positions, its size on disk and how far this
+//     connector's subscriptions lag; it fails when a session idle in a
+//     transaction holds the log's head, which every write then waits for.
 //
 // Check changes nothing in the database. Its error is only for when it
 // cannot run at all (the server does not answer, ctx ends); failed checks
@@ -134,6 +139,7 @@ func (c *Connector) Check(ctx context.Context) (Report, error) {
 		c.checkOwnership,
 		c.checkNotify,
 		c.checkQueue,
+		c.checkLog,
 	} {
 		if err := check(ctx, &r); err != nil {
 			return r, fmt.Errorf("pgstore: check: %w", err)
@@ -362,6 +368,64 @@ func (c *Connector) checkNotify(ctx context.Context, r *Report) error {
 		}
 	}
 }
+
+// defaultStuckAfter is how long a session may sit idle in a transaction
+// holding the change log's head before Check calls it stuck.
+const defaultStuckAfter = 10 * time.Second
+
+func (c *Connector) checkLog(ctx context.Context, r *Report) error {
+	const name = "change log"
+	schema := c.cfg.schema
+	logged, err := hasLog(ctx, c.pool, schema)
+	if err != nil {
+		return err
+	}
+	if !logged {
+		r.add(name, true, "none: the feed is NOTIFY payloads, and a lost LISTEN connection costs subscribers a Resync (WithChangeLog turns the log on)", "")
+		return nil
+	}
+	var (
+		retention time.Duration
+		size      int64
+	)
+	head, err := readHead(ctx, c.pool, schema)
+	if err != nil {
+		return err
+	}
+	parts := make([]string, logParts)
+	for p := range logParts {
+		parts[p] = fmt.Sprintf("pg_total_relation_size(%s)", quoteLiteral(logPart(schema, p)))
+	}
+	err = c.pool.QueryRow(ctx, "SELECT retention, "+strings.Join(parts, " + ")+" FROM "+pgx.Identifier{schema, logHead}.Sanitize()).
+		Scan(&retention, &size)
+	if err != nil {
+		return err
+	}
+	detail := fmt.Sprintf("retention %v; positions %d to %d; %.1f MB on disk", retention, head.dropped+1, head.position, float64(size)/(1<<20))
+	if lags := c.logLags(); len(lags) > 0 {
+		detail += fmt.Sprintf("; this connector's %d subscription(s) lag by at most %d entries", len(lags), slices.Max(lags))
+	}
+	var stuck []string
+	rows, err := c.pool.Query(ctx, `SELECT a.pid::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'relation' AND l.relation = to_regclass($1) AND l.granted
+		AND a.state LIKE 'idle in transaction%' AND a.state_change < now() - $2::interval`,
+		pgx.Identifier{schema, logHead}.Sanitize(), c.cfg.stuckAfter)
+	if err != nil {
+		return err
+	}
+	if stuck, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		return err
+	}
+	if len(stuck) > 0 {
+		r.add(name, false, detail+fmt.Sprintf(": session(s) %s sit idle in a transaction that wrote to the log, and every write to the schema waits for them", strings.Join(stuck, ", ")),
+			"end them: SELECT pg_terminate_backend(<pid>); and set idle_in_transaction_session_timeout for the role that left them")
+		return nil
+	}
+	r.add(name, true, detail, "")
+	return nil
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 func (c *Connector) checkQueue(ctx context.Context, r *Report) error {
 	var usage float64

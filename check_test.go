@@ -26,7 +26,7 @@ import (
 // checkNames are the checks of every report, in order.
 var checkNames = []string{
 	"server version", "writable", "temporary tables", "schema", "schema privileges", "trigger function",
-	"table ownership", "LISTEN/NOTIFY", "notification queue",
+	"table ownership", "LISTEN/NOTIFY", "notification queue", "change log",
 }
 
 func ExampleConnector_Check() {
@@ -103,7 +103,7 @@ func TestCheckSuperuser(t *testing.T) {
 	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
 	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
 	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
-	require.Contains(t, report.String(), "all 9 checks passed")
+	require.Contains(t, report.String(), "all 10 checks passed")
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
 	// pool, making room for the NOTIFY.

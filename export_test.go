@@ -33,3 +33,12 @@ func (c *Connector) RotateLog(ctx context.Context) error {
 	_, err := rotateLog(ctx, c.pool, c.cfg.schema, true)
 	return err
 }
+
+// WithStuckAfter sets how long Check lets a session sit idle in a
+// transaction holding the change log's head before it calls it stuck.
+func WithStuckAfter(d time.Duration) Option {
+	return func(c *config) error {
+		c.stuckAfter = d
+		return nil
+	}
+}

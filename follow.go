@@ -87,6 +87,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 	poll := time.NewTimer(logPollInterval)
 	defer poll.Stop()
 	for {
+		s.logPos.Store(pos)
 		page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos)
 		switch {
 		case s.readCtx.Err() != nil:
@@ -121,7 +122,9 @@ func (s *Subscription) follow(logID string, pos int64) {
 				return
 			}
 			pos = e.position
+			s.logPos.Store(pos)
 		}
+		s.logEnd.Store(head.position)
 		if len(page) > 0 && pos < head.position {
 			continue // more to read at once
 		}
@@ -195,6 +198,18 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]lo
 		return nil, head, fmt.Errorf("pgstore: internal error: the change log skips from %d to %d", pos, page[0].position)
 	}
 	return page, head, nil
+}
+
+// logLags returns how many entries each subscription following the log of
+// the connector's schema has yet to deliver, as of its last read.
+func (c *Connector) logLags() []int64 {
+	c.subsMu.RLock()
+	defer c.subsMu.RUnlock()
+	var lags []int64
+	for s := range c.logSubs[logChannel(c.cfg.schema)] {
+		lags = append(lags, max(s.logEnd.Load()-s.logPos.Load(), 0))
+	}
+	return lags
 }
 
 // wakeLog wakes the subscriptions that follow the log of a channel.

@@ -319,6 +319,8 @@ type Subscription struct {
 	channel    string
 	readCtx    context.Context
 	cancelRead context.CancelFunc
+	logPos     atomic.Int64 // delivered up to
+	logEnd     atomic.Int64 // the log's end, as of the last read
 
 	mu     sync.Mutex
 	lost   bool // the queue overflowed: drop notices until Resync is delivered

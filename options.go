@@ -29,6 +29,7 @@ type config struct {
 
 	stagingRenewal time.Duration // see defaultStagingRenewal; tests shorten it
 	minAttempt     time.Duration // see minAttemptTime; tests shorten it
+	stuckAfter     time.Duration // see defaultStuckAfter; tests shorten it
 }
 
 // Defaults of the options, as documented on each.
@@ -54,6 +55,7 @@ func defaultConfig() config {
 		events:         allEvents,
 		stagingRenewal: defaultStagingRenewal,
 		minAttempt:     minAttemptTime,
+		stuckAfter:     defaultStuckAfter,
 	}
 }
 
