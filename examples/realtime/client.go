@@ -163,7 +163,9 @@ func (c *client) replyError(req *request, err error) {
 func (c *client) pushState(key string, st state, msg []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if old, ok := c.held[key]; ok && old.equal(st) {
+	if old, ok := c.held[key]; ok && (old.equal(st) || !old.deleted && !st.deleted && st.version < old.version) {
+		// The same, or older than what the client holds: a read that
+		// ran ahead of the change log's events for the key.
 		return
 	}
 	c.held[key] = st

@@ -41,7 +41,7 @@ type node struct {
 
 // startNode starts a node on schema; everything it holds is closed when the
 // test ends.
-func startNode(t testing.TB, schema string) *node {
+func startNode(t testing.TB, schema string, opts ...pgstore.Option) *node {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
@@ -59,7 +59,7 @@ func startNode(t testing.TB, schema string) *node {
 	}
 	t.Cleanup(pool.Close)
 	store, err := pgstore.New(ctx, pool,
-		pgstore.WithSchema(schema), pgstore.WithVersionGuard(true), pgstore.WithLogger(logger))
+		append([]pgstore.Option{pgstore.WithSchema(schema), pgstore.WithVersionGuard(true), pgstore.WithLogger(logger)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

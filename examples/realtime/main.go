@@ -32,12 +32,13 @@ func main() {
 	addr := flag.String("addr", ":8080", "`address` to serve HTTP and WebSocket clients on")
 	url := flag.String("url", "", "PostgreSQL connection `string` (default $DATABASE_URL, else "+defaultURL+")")
 	schema := flag.String("schema", "realtime", "PostgreSQL `schema` that holds the records")
+	retention := flag.Duration("retention", 24*time.Hour, "how long the schema's change log keeps changes (0: no log, the NOTIFY feed)")
 	flag.Parse()
 	*url = cmp.Or(*url, os.Getenv("DATABASE_URL"), defaultURL)
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *addr, *url, *schema, logger); err != nil {
+	if err := run(ctx, *addr, *url, *schema, *retention, logger); err != nil {
 		logger.Error("realtime: " + err.Error())
 		os.Exit(1)
 	}
@@ -45,12 +46,19 @@ func main() {
 
 // run serves until ctx ends, then closes the connections and flushes the
 // store.
-func run(ctx context.Context, addr, url, schema string, logger *slog.Logger) error {
+func run(ctx context.Context, addr, url, schema string, retention time.Duration, logger *slog.Logger) error {
 	connectCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	store, err := pgstore.Connect(connectCtx, url,
+	opts := []pgstore.Option{
 		pgstore.WithSchema(schema),
 		pgstore.WithVersionGuard(true), // a stale write racing in from another node is refused
-		pgstore.WithLogger(logger))
+		pgstore.WithLogger(logger),
+	}
+	if retention > 0 {
+		// Events carry their values, and a lost LISTEN connection or a
+		// slow node costs no re-read of everything.
+		opts = append(opts, pgstore.WithChangeLog(retention))
+	}
+	store, err := pgstore.Connect(connectCtx, url, opts...)
 	cancel()
 	if err != nil {
 		return err

@@ -60,7 +60,10 @@ type Server struct {
 // A job reads a key and pushes its state to the clients subscribed to it
 // that do not have it yet.
 type job struct {
-	key  string
+	key string
+	// st is the record's state as of a change of the change log, which
+	// carries it; nil: read it from storage.
+	st   *state
 	done chan struct{} // closed when pushed, if not nil
 }
 
@@ -246,15 +249,25 @@ func (s *Server) onEvent(e pgstore.Event) {
 		s.mu.Lock()
 		watched := len(s.keys[e.Key]) > 0 || len(s.tables[e.Table]) > 0
 		s.mu.Unlock()
-		if watched {
-			s.enqueue(job{key: e.Key})
+		if !watched {
+			return
 		}
+		j := job{key: e.Key}
+		if e.Cursor != "" {
+			// From the change log: the event carries the value, and the
+			// key's jobs run in order, so no read is needed.
+			j.st = &state{version: e.Version, value: e.Value, deleted: e.Type == pgstore.Delete}
+		}
+		s.enqueue(j)
 	case pgstore.DestroyTable:
 		// Its records are gone: refresh the ones clients hold.
 		for _, key := range s.heldKeys(func(key string) bool { return tableOf(key) == e.Table }) {
 			s.enqueue(job{key: key})
 		}
 	case pgstore.Resync:
+		// With the change log, only when this node fell behind its
+		// retention (or the log is gone): the rest of the time a lost
+		// LISTEN connection costs nothing.
 		s.resync()
 	}
 }
@@ -337,7 +350,7 @@ func (s *Server) work(q chan job) {
 		case <-s.ctx.Done():
 			return
 		case j := <-q:
-			s.push(j.key)
+			s.push(j.key, j.st)
 			if j.done != nil {
 				close(j.done)
 			}
@@ -345,17 +358,24 @@ func (s *Server) work(q chan job) {
 	}
 }
 
-// push reads a record and sends its state to its subscribers.
-func (s *Server) push(key string) {
+// push sends a record's state to its subscribers: known's, or else what a
+// read of the record finds.
+func (s *Server) push(key string, known *state) {
 	targets := s.subscribers(key)
 	if len(targets) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
-	rec, err := s.storage.Get(ctx, key)
-	cancel()
 	var st state
+	var err error
+	var rec pgstore.Record
+	if known == nil {
+		ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+		rec, err = s.storage.Get(ctx, key)
+		cancel()
+	}
 	switch {
+	case known != nil:
+		st = *known
 	case err == nil:
 		st = state{version: rec.Version, value: rec.Value}
 	case errors.Is(err, pgstore.ErrNotFound):

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -9,11 +11,13 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
 
+	"github.com/pgstore/pgstore"
 	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
@@ -403,5 +407,43 @@ func TestClose(t *testing.T) {
 	}
 	if err := n.srv.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWithTheChangeLogALostListenConnectionLosesNothing kills the LISTEN
+// connection of a node that follows the change log while another node
+// writes: its clients get the change from the log, with its value, and no
+// Resync is needed.
+func TestWithTheChangeLogALostListenConnectionLosesNothing(t *testing.T) {
+	t.Parallel()
+	schema := pgtest.Schema(t)
+	writer := startNode(t, schema, pgstore.WithChangeLog(time.Hour))
+	reader := startNode(t, schema)
+	w, r := dial(t, writer.ws), dial(t, reader.ws)
+	w.requestOK(map[string]any{"type": "set", "key": "demo/a", "version": 1, "value": "one"})
+	r.requestOK(map[string]any{"type": "subscribe", "key": "demo/a"})
+	r.awaitRecord("demo/a", 1)
+
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pgtest.URL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	sum := sha256.Sum256([]byte(schema))
+	channel := "pgstore_log_" + hex.EncodeToString(sum[:12])
+	var killed int
+	err = conn.QueryRow(ctx, `SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND query = $1) k`, "LISTEN "+pgx.Identifier{channel}.Sanitize()).Scan(&killed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if killed != 1 {
+		t.Fatalf("terminated %d listeners, want 1", killed)
+	}
+	w.requestOK(map[string]any{"type": "set", "key": "demo/a", "version": 2, "value": "two"})
+	if m := r.awaitRecord("demo/a", 2); !sameJSON(t, m.Value, []byte(`"two"`)) {
+		t.Fatalf("pushed %s", m.Value)
 	}
 }

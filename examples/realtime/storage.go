@@ -3,11 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgstore/pgstore"
 )
@@ -44,25 +40,15 @@ type PGStore struct {
 
 var _ Lister = PGStore{}
 
-// List selects the records of a table, reading only what is durable.
+// List reads the first records of a table, reading only what is durable.
 func (p PGStore) List(ctx context.Context, table string, limit int) ([]Entry, error) {
-	sql := "SELECT id, version, val FROM " + pgx.Identifier{p.Schema(), table}.Sanitize() + " ORDER BY id LIMIT $1"
-	rows, err := p.Query(ctx, sql, limit)
-	if err == nil {
-		var entries []Entry
-		entries, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (Entry, error) {
-			var e Entry
-			err := row.Scan(&e.Key, &e.Version, &e.Value)
-			e.Key = table + "/" + e.Key
-			return e, err
-		})
-		if err == nil {
-			return entries, nil
-		}
+	records, _, err := p.Connector.List(ctx, table, "", limit)
+	if err != nil {
+		return nil, fmt.Errorf("list %q: %w", table, err)
 	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "42P01" { // undefined_table: nothing written yet
-		return nil, nil
+	entries := make([]Entry, len(records))
+	for i, r := range records {
+		entries[i] = Entry{Key: r.Key, Version: r.Version, Value: r.Value}
 	}
-	return nil, fmt.Errorf("list %q: %w", table, err)
+	return entries, nil
 }
