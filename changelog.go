@@ -85,8 +85,17 @@ func intervalLiteral(d time.Duration) string {
 	return "'" + strconv.FormatInt(d.Microseconds(), 10) + " microseconds'::interval"
 }
 
+// notifyRoom is how full the notification queue may be for a log trigger to
+// send its wake-up. Above it, readers are left to their polling: a write must
+// never fail because some session elsewhere stopped reading its
+// notifications and the queue filled (8 GB by default, so between this
+// check and the commit nothing fills the other half).
+const notifyRoom = 0.5
+
 // logFunctionSQL creates the statement-level trigger function that appends
-// a statement's changed rows to the log, in id order.
+// a statement's changed rows to the log, in id order, and sends the log's
+// wake-up: an empty NOTIFY, which PostgreSQL sends once per transaction
+// however many statements repeat it, and only at the commit.
 func logFunctionSQL(schema string) string {
 	s := pgx.Identifier{schema}.Sanitize()
 	return fmt.Sprintf(`CREATE FUNCTION %[1]s.%[2]s() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -110,10 +119,13 @@ BEGIN
 	INSERT INTO %[5]s (part, position, tbl, off, op, id, version, val)
 		SELECT p, first + r.k, TG_TABLE_NAME, o + r.k, op, r.id, r.version, CASE WHEN op = 'D' THEN NULL ELSE r.val END
 		FROM (SELECT row_number() OVER (ORDER BY c.id) AS k, c.id, c.version, c.val FROM changed_rows c) AS r;
+	IF pg_notification_queue_usage() < %[7]v THEN
+		PERFORM pg_notify('%[6]s', '');
+	END IF;
 	RETURN NULL;
 END
 $fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifier{schema, logOffsets}.Sanitize(),
-		pgx.Identifier{schema, logEntries}.Sanitize())
+		pgx.Identifier{schema, logEntries}.Sanitize(), logChannel(schema), notifyRoom)
 }
 
 // appendDDL appends a table event to the log inside the DDL's transaction.
@@ -132,6 +144,10 @@ func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table
 			ON CONFLICT (tbl) DO UPDATE SET off = t.off + 1 RETURNING off)
 		INSERT INTO `+pgx.Identifier{schema, logEntries}.Sanitize()+` (part, position, tbl, off, op)
 		SELECT $3, $4, $1, o.off, $2 FROM o`, table, logOps[t], part, position)
+	if err != nil {
+		return err
+	}
+	_, err = tx.Exec(ctx, "SELECT pg_notify($1, '') WHERE pg_notification_queue_usage() < $2", logChannel(schema), notifyRoom)
 	return err
 }
 

@@ -79,9 +79,7 @@ type Connector struct {
 	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
 
 	logged        atomic.Bool        // the schema has a change log
-	wakeOthers    chan struct{}      // see logWritten
-	stopAnnouncer context.CancelFunc // and the janitor
-	announcerDone chan struct{}
+	stopJanitor   context.CancelFunc
 	janitorDone   chan struct{}
 
 	closing   atomic.Bool
@@ -182,13 +180,10 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	c.subs = make(map[string]map[*Subscription]struct{})
 	c.logSubs = make(map[string]map[*Subscription]struct{})
 	c.logged.Store(logged)
-	c.wakeOthers = make(chan struct{}, 1)
-	c.announcerDone = make(chan struct{})
-	announceCtx, stopAnnouncer := context.WithCancel(context.Background())
-	c.stopAnnouncer = stopAnnouncer
-	go c.announceLoop(announceCtx)
+	janitorCtx, stopJanitor := context.WithCancel(context.Background())
+	c.stopJanitor = stopJanitor
 	c.janitorDone = make(chan struct{})
-	go c.janitorLoop(announceCtx, janitorInterval(cfg.changeLog))
+	go c.janitorLoop(janitorCtx, janitorInterval(cfg.changeLog))
 	c.listenerDone = make(chan struct{})
 	c.buf = writebuf.New(writebuf.Config{
 		Interval:     cfg.writeInterval,
@@ -454,8 +449,7 @@ func (c *Connector) closeFeed(ctx context.Context) error {
 	for _, s := range subs {
 		s.stop(false)
 	}
-	c.stopAnnouncer()
-	<-c.announcerDone
+	c.stopJanitor()
 	<-c.janitorDone
 	c.listenerOnce.Do(func() { close(c.listenerDone) }) // never started
 	if c.stopListener != nil {

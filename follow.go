@@ -225,33 +225,10 @@ func (c *Connector) wakeLog(channel string) {
 }
 
 // logWritten is told by the flusher that a batch committed: it wakes this
-// connector's own subscriptions at once, and, through one NOTIFY sent after
-// the commit, the other connectors'. A NOTIFY that fails (the queue full,
-// the server gone) costs them latency only: they also poll.
+// connector's own subscriptions at once. Other connectors' are woken by the
+// log trigger's NOTIFY, sent at the commit.
 func (c *Connector) logWritten() {
-	if !c.logged.Load() {
-		return
-	}
-	c.wakeLog(logChannel(c.cfg.schema))
-	select {
-	case c.wakeOthers <- struct{}{}:
-	default:
-	}
-}
-
-// announceLoop sends the wake-ups of logWritten, one at a time: writes that
-// commit while one is being sent share the next.
-func (c *Connector) announceLoop(ctx context.Context) {
-	defer close(c.announcerDone)
-	channel := logChannel(c.cfg.schema)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.wakeOthers:
-		}
-		if _, err := c.pool.Exec(ctx, "SELECT pg_notify($1, '')", channel); err != nil && ctx.Err() == nil {
-			c.cfg.logger.Debug("pgstore: change log wake-up not sent; readers will poll", "err", err)
-		}
+	if c.logged.Load() {
+		c.wakeLog(logChannel(c.cfg.schema))
 	}
 }
