@@ -78,9 +78,9 @@ type Connector struct {
 	subs         map[string]map[*Subscription]struct{} // of the NOTIFY feed, by schema
 	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
 
-	logged        atomic.Bool        // the schema has a change log
-	stopJanitor   context.CancelFunc
-	janitorDone   chan struct{}
+	logged      atomic.Bool // the schema has a change log
+	stopJanitor context.CancelFunc
+	janitorDone chan struct{}
 
 	closing   atomic.Bool
 	closeOnce sync.Once
