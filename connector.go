@@ -35,8 +35,10 @@ var (
 	// ErrOutcomeUnknown is wrapped by the error of a write whose commit was
 	// sent, whose answer was lost, and whose outcome the server could not
 	// be asked for before the write's deadline. The write may have
-	// committed; it can no longer commit later. Only a write that was
-	// actually sent ever reports it.
+	// committed. Until pgstore can reach the server and end the session it
+	// was sent on, which it does before it sends anything else and when
+	// the connector closes, it may even still commit. Only a write that
+	// was actually sent ever reports it.
 	ErrOutcomeUnknown = writebuf.ErrOutcomeUnknown
 	// ErrVersionConflict is wrapped by the error of a write refused by the
 	// version guard (see WithVersionGuard).
@@ -68,6 +70,7 @@ type Connector struct {
 	policyMu sync.Mutex // serialises first writes to new tables
 
 	buf       *writebuf.Buffer
+	sink      *sqlSink
 	noStaging atomic.Bool // the role may not create the staging table
 
 	listener     *listener.Listener
@@ -185,6 +188,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	c.janitorDone = make(chan struct{})
 	go c.janitorLoop(janitorCtx, janitorInterval(cfg.changeLog))
 	c.listenerDone = make(chan struct{})
+	c.sink = &sqlSink{c: c}
 	c.buf = writebuf.New(writebuf.Config{
 		Interval:     cfg.writeInterval,
 		MaxBatch:     cfg.maxBatchSize,
@@ -194,7 +198,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		Guard:        cfg.versionGuard,
 		Conflict:     versionConflict,
 		Logger:       cfg.logger,
-	}, &sqlSink{c: c})
+	}, c.sink)
 	return c, nil
 }
 
@@ -208,6 +212,13 @@ func (c *Connector) Close(ctx context.Context) error {
 		c.closing.Store(true)
 		if err := c.buf.Close(ctx); err != nil {
 			c.closeErr = fmt.Errorf("pgstore: close: writes not yet sent failed: %w", err)
+		}
+		// The flusher has ended: the sink is Close's now.
+		if err := c.sink.fenceOnClose(); err != nil {
+			c.cfg.logger.Error("pgstore: close: a batch whose outcome is unknown could not be ended, and may still commit", "err", err)
+			if c.closeErr == nil {
+				c.closeErr = fmt.Errorf("pgstore: close: a batch whose outcome is unknown could not be ended, and may still commit: %w", err)
+			}
 		}
 		if err := c.closeFeed(ctx); err != nil && c.closeErr == nil {
 			c.closeErr = err

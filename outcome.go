@@ -47,7 +47,10 @@ func markerTablesSQL(schema string) []string {
 	commits := pgx.Identifier{schema, commitsTable}.Sanitize()
 	refused := pgx.Identifier{schema, refusedTable}.Sanitize()
 	return []string{
-		"CREATE TABLE IF NOT EXISTS " + commits + " (token uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())",
+		// claimed marks a token inserted by a claim, not by its attempt:
+		// a claim whose own answer was lost must not, asked again, take
+		// its own row for the attempt's.
+		"CREATE TABLE IF NOT EXISTS " + commits + " (token uuid PRIMARY KEY, claimed boolean NOT NULL DEFAULT false, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE TABLE IF NOT EXISTS " + refused + " (token uuid NOT NULL, tbl text NOT NULL, id text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"pgstore/refused_token"}.Sanitize() + " ON " + refused + " (token)",
 	}
@@ -145,11 +148,23 @@ func (s *sqlSink) Resolve(ctx context.Context, b *writebuf.Batch) (bool, error) 
 		}
 	}
 	s.lost = nil
-	s.spent = append(s.spent, a.token)
+	s.settle(*a, committed)
 	if committed {
 		s.c.logWritten()
 	}
 	return committed, nil
+}
+
+// settle records that an attempt can no longer commit: its token may be
+// deleted with the next batch if the attempt committed (the row is its own)
+// or its backend was ended (nothing can reach it any more). A claim that is
+// all that fences an attempt whose backend is not known (behind a pooler)
+// stays, until the sweep of markers a day old: bytes held up in a network
+// are delivered, or given up, long before.
+func (s *sqlSink) settle(a lostAttempt, committed bool) {
+	if committed || a.backend.pid != 0 {
+		s.spent = append(s.spent, a.token)
+	}
 }
 
 // fenceAbandoned fences the attempts nobody waits for any more, before b
@@ -169,14 +184,30 @@ func (s *sqlSink) fenceAbandoned(ctx context.Context, b *writebuf.Batch) error {
 	defer conn.Close(context.Background())
 	for len(s.abandoned) > 0 {
 		a := s.abandoned[0]
-		if _, err := s.fence(ctx, conn, a); err != nil {
+		committed, err := s.fence(ctx, conn, a)
+		if err != nil {
 			return err
 		}
 		s.abandoned = s.abandoned[1:]
-		s.spent = append(s.spent, a.token)
+		s.settle(a, committed)
 	}
 	return nil
 }
+
+// fenceOnClose fences, as the connector closes, an attempt whose outcome
+// was given up as unknown and that no later batch fenced: otherwise it could
+// still commit. It has a context of its own, since Close's may have ended.
+func (s *sqlSink) fenceOnClose() error {
+	if s.lost == nil && len(s.abandoned) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), closeFenceTimeout)
+	defer cancel()
+	return s.fenceAbandoned(ctx, nil)
+}
+
+// closeFenceTimeout bounds how long Close tries to fence such an attempt.
+const closeFenceTimeout = 5 * time.Second
 
 // connectAside opens a connection of its own for fencing: the pool may be
 // full of connections that are lost but not yet closed (pgx gives a silent
@@ -207,9 +238,12 @@ func (s *sqlSink) fence(ctx context.Context, conn *pgx.Conn, a lostAttempt) (com
 		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '"+claimLockTimeout+"'"); err != nil {
 			return err
 		}
-		tag, err := tx.Exec(ctx, "INSERT INTO "+commits+" (token) VALUES ($1::uuid) ON CONFLICT DO NOTHING", a.token)
-		claimed = tag.RowsAffected() == 1
-		return err
+		if _, err := tx.Exec(ctx, "INSERT INTO "+commits+" (token, claimed) VALUES ($1::uuid, true) ON CONFLICT DO NOTHING", a.token); err != nil {
+			return err
+		}
+		// The row is the claim's (this one's, or an earlier one whose
+		// answer was lost) or the attempt's.
+		return tx.QueryRow(ctx, "SELECT claimed FROM "+commits+" WHERE token = $1::uuid", a.token).Scan(&claimed)
 	})
 	if err != nil {
 		return false, fmt.Errorf("claim the marker of the batch: %w", err)

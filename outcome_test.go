@@ -235,3 +235,35 @@ func TestNodesSettingWhatOthersDeleteDoNotDeadlock(t *testing.T) {
 	require.NotContains(t, logs.String(), "40P01", "a deadlock was detected")
 	require.NotContains(t, logs.String(), "deadlock")
 }
+
+func TestCloseEndsABatchWhoseOutcomeItGaveUpOnSoItCannotCommitLater(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t)))
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "k/x", 1, "one"))
+
+	// Another session holds the row: the next batch waits for it.
+	admin := pgtest.Pool(t)
+	tx, err := admin.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx) //nolint:errcheck
+	_, err = tx.Exec(ctx, "SELECT FROM "+ident(schema, "k")+" WHERE id = 'x' FOR UPDATE")
+	require.NoError(t, err)
+	r := c.SetAsync(ctx, "k/x", 2, "two")
+	for waiting := 0; waiting == 0; time.Sleep(2 * time.Millisecond) {
+		require.NoError(t, admin.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%'||$1||'%'`, schema).Scan(&waiting))
+	}
+
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	require.Error(t, c.Close(short))
+	require.ErrorIs(t, r.Wait(ctx), pgstore.ErrOutcomeUnknown, "sent, and Close's context ended before the answer")
+
+	// Once the row is free, the batch has nobody left to commit it.
+	require.NoError(t, tx.Commit(ctx))
+	direct := connectSchema(t, schema)
+	requireRecord(t, direct, "k/x", 1, `"one"`)
+}

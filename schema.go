@@ -221,7 +221,8 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 			return fmt.Errorf("create schema %q: %w", schema, err)
 		}
 	}
-	err = tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND tablename = $2)", schema, refusedTable).Scan(&exists)
+	err = tx.QueryRow(ctx, "SELECT count(*) = 2 FROM pg_tables WHERE schemaname = $1 AND tablename IN ($2, $3)",
+		schema, commitsTable, refusedTable).Scan(&exists)
 	if err != nil {
 		return err
 	}

@@ -151,9 +151,13 @@ func (s *sqlSink) Write(ctx context.Context, b *writebuf.Batch) (writebuf.Failur
 		return 0, nil
 	}
 	if isUndefinedTable(err) {
-		// Dropped behind our back: create it again on the retry.
+		// Dropped behind our back: create it again on the retry, and
+		// pgstore's own tables with it.
 		for _, tb := range tables {
 			tb.t.created.Store(false)
+		}
+		if _, perr := prepareSchema(ctx, s.c.pool, s.c.cfg.schema, 0); perr != nil {
+			err = fmt.Errorf("%w; and preparing the schema again: %w", err, perr)
 		}
 		return writebuf.Transient, err
 	}
@@ -171,6 +175,12 @@ func (s *sqlSink) Write(ctx context.Context, b *writebuf.Batch) (writebuf.Failur
 // its backend ended before the next attempt, since that backend may hold
 // the transaction's locks until it notices.
 func (s *sqlSink) lostOrNot(b *writebuf.Batch, token string, be backend, sent bool, kind writebuf.Failure, err error) (writebuf.Failure, error) {
+	if sent && kind == writebuf.Transient && endsSession(err) {
+		// The server ended the session, perhaps after the commit was
+		// durable (a terminate or shutdown during a synchronous
+		// replication wait reports the commit as done locally): ask.
+		kind = writebuf.Unknown
+	}
 	if kind != writebuf.Unknown {
 		return kind, err
 	}
@@ -365,6 +375,9 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 				failWrites(tb.deletes, err)
 				continue
 			}
+			// What the rolled-back savepoint marked is void.
+			failWrites(tb.sets, nil)
+			failWrites(tb.deletes, nil)
 			if err := s.bisect(ctx, tx, tb, tb.sets, true); err != nil {
 				return err
 			}
@@ -513,6 +526,15 @@ func retryableCode(code string) bool {
 	}
 	class := code[:2]
 	return class == "08" || class == "53" // connection exception, insufficient resources
+}
+
+// endsSession reports whether the server ended the session with err.
+func endsSession(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	return pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC" || strings.HasPrefix(pgErr.Code, "57P") || strings.HasPrefix(pgErr.Code, "08")
 }
 
 func isUndefinedObject(err error) bool {

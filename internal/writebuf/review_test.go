@@ -110,3 +110,26 @@ func TestTheGuardRefusesAnOlderSetAtOnceEvenWhenTheBufferIsFull(t *testing.T) {
 	require.False(t, older.Accepted())
 	require.ErrorIs(t, older.Wait(context.Background()), errConflict)
 }
+
+// Halving a batch that keeps timing out (a lock held elsewhere, not its
+// size, may be why) stops at the deadline instead of going down to single
+// records one statement timeout at a time.
+func TestHalvingABatchStopsAtItsDeadline(t *testing.T) {
+	s := newSink().otherwise(func(_ int, b *writebuf.Batch) step {
+		return hang(writebuf.TooLarge) // every attempt runs out its time
+	})
+	cfg := config()
+	cfg.Interval = 10 * time.Millisecond // one batch of all, due at once
+	cfg.MaxBatch = 1024
+	cfg.RetryTimeout = 100 * time.Millisecond
+	cfg.MinAttempt = 20 * time.Millisecond
+	b := start(t, cfg, s)
+	var results []*writebuf.Result
+	for i := range 1024 {
+		results = append(results, enqueue(t, b, in("a", set(fmt.Sprint(i), 1, "v"))))
+	}
+	for _, r := range results {
+		require.Error(t, outcome(t, r))
+	}
+	require.Less(t, len(s.Calls()), 10, "halves after the deadline are not sent: %v", s.Sizes())
+}

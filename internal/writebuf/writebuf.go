@@ -33,7 +33,8 @@ var (
 	ErrClosed = errors.New("pgstore: connector closed")
 	// ErrOutcomeUnknown: the write was sent with its commit, no answer
 	// came, and the server could not be asked before the deadline whether
-	// it committed. It may or may not have; it will not commit later.
+	// it committed. It may or may not have; the sink must end the attempt
+	// before it writes anything else.
 	ErrOutcomeUnknown = errors.New("pgstore: outcome unknown")
 )
 
@@ -494,7 +495,7 @@ func (v *Batch) each(f func(*Write)) {
 func failAll(v *Batch, err error) { v.each(func(w *Write) { w.Err = err }) }
 
 // halves splits a batch into two of about half its writes each.
-func (v *Batch) halves() (*Batch, *Batch) {
+func (v *Batch) halves() [2]*Batch {
 	first, second := &Batch{}, &Batch{}
 	n := 0
 	for _, t := range v.Tables {
@@ -512,7 +513,7 @@ func (v *Batch) halves() (*Batch, *Batch) {
 			n++
 		}
 	}
-	return first, second
+	return [2]*Batch{first, second}
 }
 
 // flush writes a batch, retrying what can pass until the deadline.
@@ -547,13 +548,16 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 		case TooLarge:
 			if v.count > 1 {
 				b.cfg.Logger.Warn("pgstore: batch too large for the server, halving it", "records", v.count, "err", err)
-				first, second := v.halves()
-				b.flush(ctx, first, due, deadline)
-				if ctx.Err() != nil {
-					failAll(second, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
-					return
+				for _, half := range v.halves() {
+					switch {
+					case ctx.Err() != nil:
+						failAll(half, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
+					case !time.Now().Before(deadline):
+						failAll(half, fmt.Errorf("pgstore: write failed: the retry timeout passed while halving a batch the server gave up on: %w", err))
+					default:
+						b.flush(ctx, half, due, deadline)
+					}
 				}
-				b.flush(ctx, second, due, deadline)
 				return
 			}
 		case Unknown:

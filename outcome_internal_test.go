@@ -1,0 +1,63 @@
+package pgstore
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgstore/pgstore/internal/pgtest"
+)
+
+func newTestSink(t *testing.T) *sqlSink {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	return c.sink
+}
+
+func claim(t *testing.T, s *sqlSink, a lostAttempt) bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	conn, err := s.connectAside(ctx)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	committed, err := s.fence(ctx, conn, a)
+	require.NoError(t, err)
+	return committed
+}
+
+// A claim whose own answer was lost is asked again: it must recognise its
+// own row, not take it for the attempt's.
+func TestAClaimAskedAgainRecognisesItsOwnRow(t *testing.T) {
+	t.Parallel()
+	s := newTestSink(t)
+	a := lostAttempt{token: newToken()}
+	require.False(t, claim(t, s, a), "no attempt wrote the token: it did not commit")
+	require.False(t, claim(t, s, a), "asked again, the claim's own row still says it did not")
+
+	committed := lostAttempt{token: newToken()}
+	_, err := s.c.pool.Exec(context.Background(), "INSERT INTO "+pgx.Identifier{s.c.cfg.schema, commitsTable}.Sanitize()+
+		" (token) VALUES ($1::uuid)", committed.token) // as the attempt's transaction does
+	require.NoError(t, err)
+	require.True(t, claim(t, s, committed))
+	require.True(t, claim(t, s, committed))
+}
+
+// A claim is all that fences an attempt whose backend is not known: it is not
+// deleted with the next batch, as the token of one whose backend was ended
+// or that committed is.
+func TestAClaimThatAloneFencesAnAttemptIsKept(t *testing.T) {
+	s := &sqlSink{}
+	s.settle(lostAttempt{token: "behind a pooler"}, false)
+	require.Empty(t, s.spent)
+	s.settle(lostAttempt{token: "ended", backend: backend{pid: 42}}, false)
+	s.settle(lostAttempt{token: "committed"}, true)
+	require.Equal(t, []string{"ended", "committed"}, s.spent)
+}
