@@ -43,8 +43,21 @@ const (
 	logParts   = 4
 )
 
-// logFunction is the trigger function that appends to the log.
-const logFunction = "pgstore_log_v1"
+// logFunction is the trigger function that appends to the log, and
+// headLockFunction the one that takes the log's head lock before a
+// statement's rows are locked.
+const (
+	logFunction      = "pgstore_log_v1"
+	headLockFunction = "pgstore_log_lock_v1"
+)
+
+// headLockTrigger is the name of a record table's trigger that runs
+// headLockFunction. Every writer, pgstore's or not, so takes the head lock
+// before any row lock of its statement: were the head taken after (by the
+// trigger that appends, at the statement's end), a writer holding the head
+// and waiting for a row could wait on one holding that row and waiting for
+// the head.
+const headLockTrigger = "pgstore_log_lock"
 
 // logOps are the op codes of log entries, by event type.
 var logOps = map[EventType]string{CreateTable: "C", DestroyTable: "X", Insert: "I", Update: "U", Delete: "D"}
@@ -75,7 +88,7 @@ func createLogSQL(schema string, retention time.Duration) []string {
 	for p := range logParts {
 		stmts = append(stmts, fmt.Sprintf("CREATE TABLE %s PARTITION OF %s FOR VALUES IN (%d)", logPart(schema, p), entries, p))
 	}
-	stmts = append(stmts, "CREATE INDEX ON "+entries+" (position)", logFunctionSQL(schema))
+	stmts = append(stmts, "CREATE INDEX ON "+entries+" (position)", logFunctionSQL(schema), headLockFunctionSQL(schema))
 	return stmts
 }
 
@@ -127,6 +140,24 @@ END
 $fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifier{schema, logOffsets}.Sanitize(),
 		pgx.Identifier{schema, logEntries}.Sanitize(), logChannel(schema), notifyRoom)
 }
+
+func headLockFunctionSQL(schema string) string {
+	return fmt.Sprintf(`CREATE FUNCTION %s.%s() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+	PERFORM FROM %s FOR UPDATE;
+	RETURN NULL;
+END
+$fn$`, pgx.Identifier{schema}.Sanitize(), headLockFunction, pgx.Identifier{schema, logHead}.Sanitize())
+}
+
+// headLockTriggerSQL creates a table's head-lock trigger.
+func headLockTriggerSQL(schema, table string) string {
+	return fmt.Sprintf("CREATE TRIGGER %s BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s.%s()",
+		headLockTrigger, pgx.Identifier{schema, table}.Sanitize(), pgx.Identifier{schema}.Sanitize(), headLockFunction)
+}
+
+// rowEvents are the events of a record's rows.
+const rowEvents = eventSet(1<<Insert | 1<<Update | 1<<Delete)
 
 // appendDDL appends a table event to the log inside the DDL's transaction.
 // The head is locked before the table's offset, as the triggers lock them,

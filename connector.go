@@ -153,6 +153,13 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
+	if cfg.changeLog > 0 {
+		// Every table appends to the log now: the NOTIFY feed's
+		// subscriptions, on nodes started before, switch to it.
+		if err := announceLog(ctx, pool, cfg.schema); err != nil {
+			return nil, fmt.Errorf("pgstore: announce the change log of schema %q: %w", cfg.schema, err)
+		}
+	}
 	c := &Connector{
 		pool:     pool,
 		cfg:      cfg,

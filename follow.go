@@ -3,8 +3,11 @@ package pgstore
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgstore/pgstore/internal/backoff"
 )
@@ -57,7 +60,6 @@ func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscri
 		pos = a.position
 	}
 	channel := logChannel(s.cfg.schema)
-	s.readCtx, s.cancelRead = context.WithCancel(context.Background())
 	c.startListener()
 	c.subsMu.Lock()
 	if c.subs == nil { // closed meanwhile
@@ -68,9 +70,14 @@ func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscri
 		c.logSubs[channel] = make(map[*Subscription]struct{})
 	}
 	c.logSubs[channel][s] = struct{}{}
-	c.subsMu.Unlock()
 	s.channel = channel
-	go s.follow(head.log, pos)
+	s.readCtx, s.cancelRead = context.WithCancel(context.Background())
+	c.subsMu.Unlock()
+	go func() {
+		defer close(s.done)
+		s.gid.Store(goid())
+		s.follow(head.log, pos)
+	}()
 	if err := c.listener.Listen(ctx, channel); err != nil {
 		s.close(false)
 		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", channel, err)
@@ -81,8 +88,6 @@ func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscri
 // follow reads the log after pos and delivers it, until the subscription
 // stops.
 func (s *Subscription) follow(logID string, pos int64) {
-	defer close(s.done)
-	s.gid.Store(goid())
 	wait := backoff.Backoff{Min: 50 * time.Millisecond, Max: 5 * time.Second}
 	poll := time.NewTimer(logPollInterval)
 	defer poll.Stop()
@@ -198,6 +203,85 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]lo
 		return nil, head, fmt.Errorf("pgstore: internal error: the change log skips from %d to %d", pos, page[0].position)
 	}
 	return page, head, nil
+}
+
+// logOnPayload is the notification, on a schema's NOTIFY-feed channel, that
+// the schema's change log is on and every table appends to it: the feed's
+// subscriptions then switch to following the log.
+const logOnPayload = `{"op":"log_on"}`
+
+// ErrLogStarted is the Reason of the Resync that a subscription of the NOTIFY
+// feed receives when another connector switches the schema's change log on:
+// events may have been missed in the switch; the subscription follows the
+// log from then on.
+var ErrLogStarted = errors.New("pgstore: the schema's change log was switched on")
+
+// announceLog tells the NOTIFY-feed subscriptions of the schema, wherever
+// they are, that every table now appends to the log.
+func announceLog(ctx context.Context, db interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}, schema string) error {
+	_, err := db.Exec(ctx, "SELECT pg_notify($1, $2)", schema, logOnPayload)
+	return err
+}
+
+// logStarted marks the NOTIFY-feed subscriptions of a schema for the switch
+// to its log (see switchToLog).
+func (c *Connector) logStarted(schema string) {
+	if schema == c.cfg.schema {
+		c.logged.Store(true)
+	}
+	c.subsMu.RLock()
+	defer c.subsMu.RUnlock()
+	for s := range c.subs[schema] {
+		s.toLog.Store(true)
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// switchToLog makes a subscription of the NOTIFY feed follow the schema's
+// log, on its own goroutine: it reads the log's end, delivers a Resync (the
+// handler re-reads what it holds), then follows the log from that end, so
+// nothing is missed. It reports whether the subscription goes on.
+func (s *Subscription) switchToLog() bool {
+	c, schema := s.c, s.cfg.schema
+	channel := logChannel(schema)
+	ctx, cancel := context.WithCancel(context.Background())
+	c.subsMu.Lock()
+	if c.subs == nil || s.stopping {
+		c.subsMu.Unlock()
+		cancel()
+		return false
+	}
+	// From here on, stop finds the subscription among the log's and
+	// cancels its reads.
+	delete(c.subs[schema], s)
+	if c.logSubs[channel] == nil {
+		c.logSubs[channel] = make(map[*Subscription]struct{})
+	}
+	c.logSubs[channel][s] = struct{}{}
+	s.channel, s.readCtx, s.cancelRead = channel, ctx, cancel
+	c.subsMu.Unlock()
+	head, err := readHead(ctx, c.pool, schema)
+	for err != nil {
+		c.cfg.logger.Warn("pgstore: cannot read the change log to switch a subscription to it; retrying", "schema", schema, "err", err)
+		if !s.sleep(time.Second) {
+			return false
+		}
+		head, err = readHead(ctx, c.pool, schema)
+	}
+	if err := c.listener.Listen(ctx, channel); err != nil {
+		return false // stopped
+	}
+	c.listener.Unlisten(schema)
+	if !s.call(Event{Type: Resync, Schema: schema, Reason: ErrLogStarted, Cursor: cursor{log: head.log, position: head.position}.String()}) {
+		return false
+	}
+	s.follow(head.log, head.position)
+	return false
 }
 
 // logLags returns how many entries each subscription following the log of

@@ -163,19 +163,26 @@ func triggerName(base string, logged bool) string {
 // triggerSQL returns the statements that create the triggers for the events
 // in the set: appending to the change log when logged, else notifying.
 func triggerSQL(schema, table string, events eventSet, logged bool) []string {
-	ident := pgx.Identifier{schema, table}.Sanitize()
+	var stmts []string
+	if logged && events&rowEvents != 0 {
+		stmts = append(stmts, headLockTriggerSQL(schema, table))
+	}
+	for _, tr := range rowTriggers {
+		if events.has(tr.event) {
+			stmts = append(stmts, rowTriggerSQL(schema, table, tr.name, tr.when, logged))
+		}
+	}
+	return stmts
+}
+
+// rowTriggerSQL creates one of a table's rowTriggers.
+func rowTriggerSQL(schema, table, name, when string, logged bool) string {
 	function := notifyFunction
 	if logged {
 		function = logFunction
 	}
-	var stmts []string
-	for _, tr := range rowTriggers {
-		if events.has(tr.event) {
-			stmts = append(stmts, fmt.Sprintf("CREATE TRIGGER %s "+tr.when+" FOR EACH STATEMENT EXECUTE FUNCTION %s.%s()",
-				triggerName(tr.name, logged), ident, pgx.Identifier{schema}.Sanitize(), function))
-		}
-	}
-	return stmts
+	return fmt.Sprintf("CREATE TRIGGER %s "+when+" FOR EACH STATEMENT EXECUTE FUNCTION %s.%s()",
+		triggerName(name, logged), pgx.Identifier{schema, table}.Sanitize(), pgx.Identifier{schema}.Sanitize(), function)
 }
 
 // announceDDL records a table event inside the DDL's transaction: in the
@@ -320,6 +327,8 @@ type Subscription struct {
 	readCtx    context.Context
 	cancelRead context.CancelFunc
 	logPos     atomic.Int64 // delivered up to
+	toLog      atomic.Bool  // of the NOTIFY feed: switch to the log (see logStarted)
+	stopping   bool         // under the connector's subsMu: stop has begun
 	logEnd     atomic.Int64 // the log's end, as of the last read
 
 	mu     sync.Mutex
@@ -404,18 +413,20 @@ func (s *Subscription) stop(unlisten bool) {
 	s.closeOnce.Do(func() {
 		channel := s.cfg.schema
 		s.c.subsMu.Lock()
+		s.stopping = true
 		if s.channel != "" {
 			channel = s.channel
 			delete(s.c.logSubs[channel], s)
 		} else {
 			delete(s.c.subs[s.cfg.schema], s)
 		}
+		cancel := s.cancelRead
 		s.c.subsMu.Unlock()
 		if unlisten {
 			s.c.listener.Unlisten(channel)
 		}
-		if s.cancelRead != nil {
-			s.cancelRead()
+		if cancel != nil {
+			cancel()
 		}
 		close(s.stopped)
 	})
@@ -481,6 +492,10 @@ func (s *Subscription) deliver() {
 			s.queued -= len(n.events)
 			s.mu.Unlock()
 		case <-s.wake:
+		}
+		if s.toLog.Load() {
+			s.switchToLog()
+			return
 		}
 		s.mu.Lock()
 		resync := s.lost && len(s.queue) == 0
@@ -573,6 +588,10 @@ func (c *Connector) startListener() {
 func (c *Connector) dispatch(n *pgconn.Notification) {
 	if strings.HasPrefix(n.Channel, "pgstore_log_") {
 		c.wakeLog(n.Channel)
+		return
+	}
+	if n.Payload == logOnPayload {
+		c.logStarted(n.Channel)
 		return
 	}
 	nt, err := parseNotice(n.Payload)

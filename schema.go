@@ -328,6 +328,12 @@ func syncTriggers(ctx context.Context, db interface {
 	for _, t := range tables {
 		var stmts []string
 		ident := pgx.Identifier{schema, t.name}.Sanitize()
+		switch has, want := slices.Contains(t.triggers, headLockTrigger), logged && events&rowEvents != 0; {
+		case has && !want:
+			stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident)
+		case !has && want:
+			stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident, headLockTriggerSQL(schema, t.name))
+		}
 		for _, tr := range rowTriggers {
 			for _, kind := range []bool{false, true} {
 				name := triggerName(tr.name, kind)
@@ -337,7 +343,7 @@ func syncTriggers(ctx context.Context, db interface {
 					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident)
 				case !has && want:
 					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident, // created meanwhile by another connector
-						triggerSQL(schema, t.name, eventSet(1<<tr.event), logged)[0])
+						rowTriggerSQL(schema, t.name, tr.name, tr.when, logged))
 				}
 			}
 		}
