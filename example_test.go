@@ -1011,3 +1011,160 @@ func ExampleWithRetryTimeout() {
 	// 40001 server busy
 	// true
 }
+
+func ExampleWithMaxValueBytes() {
+	defer exampleSchema("pgstore_example_maxvalue")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_maxvalue"),
+		pgstore.WithMaxValueBytes(64)) // the largest value a client may store
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	err = c.Set(ctx, "notes/n1", 1, strings.Repeat("x", 100))
+	fmt.Println(errors.Is(err, pgstore.ErrInvalidValue))
+	fmt.Println(c.Set(ctx, "notes/n1", 1, "short"))
+	// Output:
+	// true
+	// <nil>
+}
+
+func ExampleWithChangeLog() {
+	defer exampleSchema("pgstore_example_log")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_log"),
+		pgstore.WithChangeLog(24*time.Hour))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e })
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "cars/bmw", 2, car{Model: "bmw", HP: 310}); err != nil {
+		log.Fatal(err)
+	}
+	<-events // CREATE_TABLE
+	first := <-events
+	fmt.Println(first.Type, first.Key, first.Offset, string(first.Value))
+	<-events
+	sub.Close()
+
+	// Later, perhaps in another process: resume after a saved cursor.
+	resumed, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.After(first.Cursor))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer resumed.Close()
+	again := <-events
+	fmt.Println(again.Type, again.Key, again.Offset, string(again.Value))
+	// Output:
+	// INSERT cars/bmw 2 {"hp": 300, "model": "bmw"}
+	// UPDATE cars/bmw 3 {"hp": 310, "model": "bmw"}
+}
+
+func ExampleAfter() {
+	defer exampleSchema("pgstore_example_after")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_after"),
+		pgstore.WithChangeLog(24*time.Hour))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+
+	// A cold start: read the state, then follow the changes made after it.
+	records, cursor, err := c.List(ctx, "cars", "", 100)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, r := range records {
+		fmt.Println("state", r.Key, r.Version)
+	}
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.After(cursor))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+	if err := c.Set(ctx, "cars/audi", 1, car{Model: "audi", HP: 250}); err != nil {
+		log.Fatal(err)
+	}
+	e := <-events
+	fmt.Println("change", e.Key, e.Version)
+
+	_, err = c.Subscribe(ctx, func(pgstore.Event) {}, pgstore.After("not a cursor"))
+	fmt.Println(errors.Is(err, pgstore.ErrInvalidCursor))
+	// Output:
+	// state cars/bmw 1
+	// change cars/audi 1
+	// true
+}
+
+func ExampleConnector_List() {
+	defer exampleSchema("pgstore_example_list")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_list"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	for i := range 5 {
+		if err := c.Set(ctx, fmt.Sprintf("cars/c%d", i), 1, i); err != nil {
+			log.Fatal(err)
+		}
+	}
+	// Page by page: the last id of a page starts the next.
+	for after := ""; ; {
+		page, _, err := c.List(ctx, "cars", after, 2)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		var keys []string
+		for _, r := range page {
+			keys = append(keys, r.Key)
+		}
+		fmt.Println(keys)
+		after = page[len(page)-1].ID
+	}
+	// Output:
+	// [cars/c0 cars/c1]
+	// [cars/c2 cars/c3]
+	// [cars/c4]
+}
+
+func ExampleConnector_GetMany() {
+	defer exampleSchema("pgstore_example_getmany")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_getmany"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 3, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	if err := c.Set(ctx, "bikes/bmx", 1, "bmx"); err != nil {
+		log.Fatal(err)
+	}
+	records, _, err := c.GetMany(ctx, []string{"cars/bmw", "bikes/bmx", "cars/missing", "boats/none"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(len(records), records["cars/bmw"].Version, string(records["bikes/bmx"].Value))
+	// Output:
+	// 2 3 "bmx"
+}
