@@ -325,11 +325,14 @@ func (e logEntry) event(schema, logID string) Event {
 }
 
 // readLogSQL reads a page of entries after a position ($1, at most $2), each
-// row with the head; with no entries, one row of the head alone.
+// row with the head; with no entries, one row of the head alone. The head's
+// LIMIT 1 tells the planner what the table's one-row CHECK does not: without
+// it, a never-analysed head is estimated at hundreds of rows, the page at a
+// join of hundreds of thousands, and the query is JIT-compiled, 12 ms a read.
 func readLogSQL(schema string) string {
 	return `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
 			e.position, e.off, e.tbl, coalesce(e.id, ''), e.op::text, coalesce(e.version, 0), e.val
-		FROM ` + pgx.Identifier{schema, logHead}.Sanitize() + ` h
+		FROM (SELECT * FROM ` + pgx.Identifier{schema, logHead}.Sanitize() + ` LIMIT 1) h
 		LEFT JOIN LATERAL (SELECT * FROM ` + pgx.Identifier{schema, logEntries}.Sanitize() + `
 			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
 		ORDER BY e.position`
