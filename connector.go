@@ -132,7 +132,10 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Connector, e
 
 func newConfig(opts []Option) (config, error) {
 	cfg := defaultConfig()
-	for _, opt := range opts {
+	for i, opt := range opts {
+		if opt == nil {
+			return config{}, fmt.Errorf("pgstore: option %d of %d is nil", i+1, len(opts))
+		}
 		if err := opt(&cfg); err != nil {
 			return config{}, fmt.Errorf("pgstore: %w", err)
 		}

@@ -41,6 +41,13 @@ func TestConnectAndNewRefuseInvalidOptionsNamingTheOption(t *testing.T) {
 		{"default table of 64 bytes", pgstore.WithDefaultTable(long), []string{"WithDefaultTable", "64 bytes", "63"}},
 		{"empty default table", pgstore.WithDefaultTable(""), []string{"WithDefaultTable", "empty"}},
 		{"negative retry timeout", pgstore.WithRetryTimeout(-1), []string{"WithRetryTimeout", "negative"}},
+		{"the system catalog", pgstore.WithSchema("pg_catalog"), []string{"WithSchema", "PostgreSQL's own schema"}},
+		{"the toast schema", pgstore.WithSchema("pg_toast"), []string{"WithSchema", "PostgreSQL's own schema"}},
+		{"information_schema", pgstore.WithSchema("information_schema"), []string{"WithSchema", "PostgreSQL's own schema"}},
+		{"public", pgstore.WithSchema("public"), []string{"WithSchema", "PostgreSQL's own schema"}},
+		{"zero value limit", pgstore.WithMaxValueBytes(0), []string{"WithMaxValueBytes", "at least 1"}},
+		{"a retention of a second", pgstore.WithChangeLog(time.Second), []string{"WithChangeLog", "at least 1m"}},
+		{"a nil option", nil, []string{"option 1 of 1 is nil"}},
 	}
 	url := pgtest.URL(t)
 	pool := pgtest.Pool(t)

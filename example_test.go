@@ -695,7 +695,7 @@ func ExampleConnector_DropTable() {
 	}
 	fmt.Println(overview)
 	err = c.DropTable(ctx, "bikes")
-	fmt.Println(errors.Is(err, pgstore.ErrNotFound))
+	fmt.Println(errors.Is(err, pgstore.ErrTableNotFound))
 	// Output:
 	// <nil>
 	// map[cars:1]

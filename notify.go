@@ -252,10 +252,13 @@ type subscribeConfig struct {
 	after  *cursor // from After
 }
 
-// ForEvents delivers only events of the given types. Resync is delivered
-// whatever the filter, since it means events may be missing.
+// ForEvents delivers only events of the given types, at least one. Resync is
+// delivered whatever the filter, since it means events may be missing.
 func ForEvents(types ...EventType) Filter {
 	return func(sc *subscribeConfig) error {
+		if len(types) == 0 {
+			return errors.New("ForEvents: no event type named; leave the filter out to receive every type")
+		}
 		for _, t := range types {
 			if t < CreateTable || t > Resync {
 				return fmt.Errorf("ForEvents: unknown event type %v", t)
@@ -266,15 +269,23 @@ func ForEvents(types ...EventType) Filter {
 	}
 }
 
-// ForTables delivers only events of the named tables (and Resync).
+// ForTables delivers only events of the named tables (and Resync). It needs
+// at least one name; a name with a "/", which no key's table can hold, is
+// refused.
 func ForTables(names ...string) Filter {
 	return func(sc *subscribeConfig) error {
+		if len(names) == 0 {
+			return errors.New("ForTables: no table named; leave the filter out to receive every table's events")
+		}
 		if sc.tables == nil {
 			sc.tables = make(map[string]bool)
 		}
 		for _, name := range names {
 			if err := checkIdentifier("table", name); err != nil {
 				return fmt.Errorf("ForTables: %w", err)
+			}
+			if strings.Contains(name, "/") {
+				return fmt.Errorf("ForTables: table name %q holds a /, which no table of a key can: the table is the text before a key's first /", name)
 			}
 			sc.tables[name] = true
 		}
@@ -363,7 +374,10 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 		stopped: make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	for _, f := range filters {
+	for i, f := range filters {
+		if f == nil {
+			return nil, fmt.Errorf("pgstore: Subscribe: filter %d of %d is nil", i+1, len(filters))
+		}
 		if err := f(&s.cfg); err != nil {
 			return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
 		}

@@ -732,3 +732,23 @@ func TestAPoolWithItsOwnNotificationHandlerStillFeedsSubscriptions(t *testing.T)
 		}
 	}
 }
+
+func TestFiltersThatCouldNeverMatchAreRefused(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t)
+	for _, tc := range []struct {
+		name   string
+		filter pgstore.Filter
+		want   string
+	}{
+		{"a nil filter", nil, "filter 1 of 1 is nil"},
+		{"ForTables with no table", pgstore.ForTables(), "ForTables: no table named"},
+		{"ForTables with a table no key can name", pgstore.ForTables("a/b"), `table name "a/b" holds a /`},
+		{"ForEvents with no type", pgstore.ForEvents(), "ForEvents: no event type named"},
+	} {
+		sub, err := c.Subscribe(ctx, func(pgstore.Event) {}, tc.filter)
+		require.ErrorContains(t, err, tc.want, tc.name)
+		require.Nil(t, sub, tc.name)
+	}
+}

@@ -61,11 +61,15 @@ func defaultConfig() config {
 
 // WithSchema sets the PostgreSQL schema that holds the connector's tables. It is
 // created if missing. The name is used exactly as given (case and all) and may
-// be at most 63 bytes. Defaults to "ds".
+// be at most 63 bytes; PostgreSQL's own schemas (public, information_schema,
+// pg_*) are refused. Defaults to "ds".
 func WithSchema(name string) Option {
 	return func(c *config) error {
 		if err := checkIdentifier("schema", name); err != nil {
 			return fmt.Errorf("WithSchema: %w", err)
+		}
+		if systemSchema(name) {
+			return fmt.Errorf("WithSchema: %q is PostgreSQL's own schema (public, information_schema, pg_*); pgstore keeps its tables and functions in a schema of its own", name)
 		}
 		c.schema = name
 		return nil

@@ -281,6 +281,10 @@ type beginner interface {
 // exist.
 var ErrSchemaNotFound = errors.New("pgstore: schema not found")
 
+// ErrTableNotFound is returned by DropTable for a table that is not one of
+// pgstore's in the schema.
+var ErrTableNotFound = errors.New("pgstore: table not found")
+
 // listTablesSQL lists pgstore's tables in a schema ($1) with the names of
 // their pgstore triggers and the planner's estimate of their rows; tables
 // made by hand are left out.
@@ -386,6 +390,9 @@ func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if err := c.checkName("CreateSchema", "schema", name); err != nil {
 		return err
 	}
+	if systemSchema(name) {
+		return fmt.Errorf("pgstore: CreateSchema: refusing PostgreSQL's own schema %q", name)
+	}
 	if _, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog); err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
 	}
@@ -446,7 +453,7 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 }
 
 // DropTable drops a table of the connector's schema, announcing
-// DESTROY_TABLE when that event is on. It returns ErrNotFound if there is no
+// DESTROY_TABLE when that event is on. It returns ErrTableNotFound if there is no
 // such pgstore table. Writes to it still buffered create it again when
 // flushed.
 func (c *Connector) DropTable(ctx context.Context, name string) error {
@@ -466,7 +473,7 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 			return err
 		}
 		if !exists {
-			return ErrNotFound
+			return ErrTableNotFound
 		}
 		if c.cfg.events.has(DestroyTable) {
 			if err := announceDDL(ctx, tx, schema, DestroyTable, name); err != nil {
@@ -476,7 +483,7 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 		_, err = tx.Exec(ctx, "DROP TABLE "+pgx.Identifier{schema, name}.Sanitize())
 		return err
 	})
-	if errors.Is(err, ErrNotFound) {
+	if errors.Is(err, ErrTableNotFound) {
 		return fmt.Errorf("pgstore: DropTable %q: %w", name, err)
 	}
 	if err != nil {

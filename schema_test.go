@@ -436,17 +436,17 @@ func TestDropTableAnnouncesNothingWhenDestroyTableIsSwitchedOff(t *testing.T) {
 	f.noneBefore(c, "cars/marker")
 }
 
-func TestDropTableOfAMissingTableIsErrNotFound(t *testing.T) {
+func TestDropTableOfAMissingTableIsErrTableNotFound(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	c := connect(t)
 	err := c.DropTable(ctx, "nothing")
-	require.ErrorIs(t, err, pgstore.ErrNotFound)
+	require.ErrorIs(t, err, pgstore.ErrTableNotFound)
 	require.ErrorContains(t, err, `"nothing"`)
 
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, "bmw"))
 	require.NoError(t, c.DropTable(ctx, "cars"))
-	require.ErrorIs(t, c.DropTable(ctx, "cars"), pgstore.ErrNotFound, "a second drop finds nothing")
+	require.ErrorIs(t, c.DropTable(ctx, "cars"), pgstore.ErrTableNotFound, "a second drop finds nothing")
 
 	require.ErrorContains(t, c.DropTable(ctx, ""), "table name is empty")
 	require.ErrorContains(t, c.DropTable(ctx, strings.Repeat("t", 64)), "over PostgreSQL's limit of 63")
@@ -459,7 +459,7 @@ func TestDropTableLeavesTablesMadeByHandAlone(t *testing.T) {
 	handmadeTables(t, c, schema)
 
 	for _, table := range []string{"handmade", "lookalike"} {
-		require.ErrorIs(t, c.DropTable(ctx, table), pgstore.ErrNotFound, table)
+		require.ErrorIs(t, c.DropTable(ctx, table), pgstore.ErrTableNotFound, table)
 		require.True(t, tableExists(t, c, schema, table), "%s is still there", table)
 	}
 	require.EqualValues(t, 2, rowCount(t, c, schema, "handmade"))
