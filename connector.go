@@ -68,6 +68,10 @@ type Connector struct {
 	// known existence are kept, bounded by the tables that exist.
 	existing map[string]*table
 	policyMu sync.Mutex // serialises first writes to new tables
+	// policyCaller is the goroutine asking the table policy, so that a
+	// policy that writes to a new table through the connector is told so
+	// instead of waiting for itself on policyMu.
+	policyCaller atomic.Uint64
 
 	buf       *writebuf.Buffer
 	sink      *sqlSink
@@ -93,7 +97,8 @@ type Connector struct {
 // Connect opens a pool from a connection string, in URL or key=value form with
 // every setting pgx knows (sslmode, pool_max_conns, ...; PG* environment
 // variables fill in what it leaves out), and returns a connector that owns the
-// pool. It checks that the server answers and prepares the schema before it
+// pool. Its sessions' application_name is DefaultApplicationName unless the
+// connection string or PGAPPNAME sets one. It checks that the server answers and prepares the schema before it
 // returns; there is no retry loop: ctx bounds the wait.
 func Connect(ctx context.Context, connString string, opts ...Option) (*Connector, error) {
 	cfg, err := newConfig(opts)
@@ -103,6 +108,12 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*Connector
 	poolCfg, err := pgxpool.ParseConfig(connString)
 	if err != nil {
 		return nil, connStringError(connString, err)
+	}
+	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
+		// So that operators can tell pgstore's sessions apart in
+		// pg_stat_activity; a connection string (or PGAPPNAME) may say
+		// otherwise.
+		poolCfg.ConnConfig.RuntimeParams["application_name"] = DefaultApplicationName
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
@@ -380,6 +391,9 @@ func (c *Connector) writeTable(key string) (*table, string, error) {
 	}
 	// One decision at a time, so that writers racing to a new table ask the
 	// policy once: a policy may count tables against a quota.
+	if c.cfg.tablePolicy != nil && c.policyCaller.Load() == goid() {
+		return nil, "", fmt.Errorf("pgstore: table %s: the table policy may not write to a table the connector has not written to yet; it would wait for its own decision", quoteInput(name))
+	}
 	c.policyMu.Lock()
 	defer c.policyMu.Unlock()
 	c.mu.Lock()
@@ -389,7 +403,10 @@ func (c *Connector) writeTable(key string) (*table, string, error) {
 		return t, id, nil
 	}
 	if c.cfg.tablePolicy != nil {
-		if err := c.cfg.tablePolicy(name); err != nil {
+		c.policyCaller.Store(goid())
+		err := c.cfg.tablePolicy(name)
+		c.policyCaller.Store(0)
+		if err != nil {
 			return nil, "", fmt.Errorf("pgstore: table %s refused by the table policy: %w", quoteInput(name), err)
 		}
 	}

@@ -829,3 +829,47 @@ func TestCloseDoesNotWaitPastItsContextForConnectionsInUse(t *testing.T) {
 	require.ErrorContains(t, err, "connections still in use")
 	rows.Close() // the pool then closes (goleak checks its goroutine ends)
 }
+
+func TestConnectedSessionsNameThemselvesPgstoreUnlessTheConnectionStringSays(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	name := func(c *pgstore.Connector) string {
+		t.Helper()
+		rows, err := c.Query(ctx, "SELECT current_setting('application_name')")
+		require.NoError(t, err)
+		got, err := pgx.CollectExactlyOneRow(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		return got
+	}
+	require.Equal(t, pgstore.DefaultApplicationName, name(connect(t)))
+
+	u := pgtest.URL(t)
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	c, err := pgstore.Connect(ctx, u+sep+"application_name=node-7", pgstore.WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	defer c.Close(ctx)
+	require.Equal(t, "node-7", name(c))
+}
+
+func TestATablePolicyThatWritesToANewTableIsToldSoInsteadOfWaitingForItself(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	var c *pgstore.Connector
+	var fromPolicy error
+	c = connect(t, pgstore.WithTablePolicy(func(table string) error {
+		if table == "cars" {
+			fromPolicy = c.Set(ctx, "audit/"+table, 1, "created")                            // a new table, from inside the policy
+			if _, err := c.Get(ctx, "cars/anything"); !errors.Is(err, pgstore.ErrNotFound) { // reads are fine
+				return err
+			}
+			return nil
+		}
+		return nil
+	}))
+	require.NoError(t, c.Set(ctx, "cars/bmw", 1, "bmw"), "the policy's own write failing does not refuse the table")
+	require.ErrorContains(t, fromPolicy, "the table policy may not write to a table the connector has not written to yet")
+	require.NoError(t, c.Set(ctx, "audit/x", 1, "x"), "outside the policy, the table is asked about as usual")
+}

@@ -41,6 +41,9 @@ const (
 	DefaultRetryTimeout = 30 * time.Second
 	// DefaultMaxValueBytes is the default of WithMaxValueBytes.
 	DefaultMaxValueBytes = 4 << 20
+	// DefaultApplicationName is the application_name of the sessions of a
+	// pool that Connect opens, unless its connection string sets one.
+	DefaultApplicationName = "pgstore"
 )
 
 func defaultConfig() config {
@@ -151,8 +154,10 @@ func WithVersionGuard(on bool) Option {
 // WithTablePolicy sets a function that is asked before the connector first
 // writes to a table; a non-nil error refuses the write (and is wrapped in the
 // error returned). Use it to keep clients from creating unlimited tables.
-// Accepted tables are remembered for the life of the connector. Defaults to
-// accepting every table.
+// Accepted tables are remembered for the life of the connector. The policy may
+// read through the connector and write to tables already accepted; a write to
+// another new table from inside it fails with an error that says so. Defaults
+// to accepting every table.
 func WithTablePolicy(policy func(table string) error) Option {
 	return func(c *config) error {
 		c.tablePolicy = policy
