@@ -286,8 +286,7 @@ func readHead(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, schema string) (logHeadRow, error) {
 	var h logHeadRow
-	err := q.QueryRow(ctx, "SELECT replace(log_id::text, '-', ''), position, dropped FROM "+pgx.Identifier{schema, logHead}.Sanitize()).
-		Scan(&h.log, &h.position, &h.dropped)
+	err := q.QueryRow(ctx, readHeadSQL(schema)).Scan(&h.log, &h.position, &h.dropped)
 	return h, err
 }
 
@@ -324,18 +323,16 @@ func (e logEntry) event(schema, logID string) Event {
 	return ev
 }
 
-// readLogSQL reads a page of entries after a position ($1, at most $2), each
-// row with the head; with no entries, one row of the head alone. The head's
-// LIMIT 1 tells the planner what the table's one-row CHECK does not: without
-// it, a never-analysed head is estimated at hundreds of rows, the page at a
-// join of hundreds of thousands, and the query is JIT-compiled, 12 ms a read.
-func readLogSQL(schema string) string {
-	return `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
-			e.position, e.off, e.tbl, coalesce(e.id, ''), e.op::text, coalesce(e.version, 0), e.val
-		FROM (SELECT * FROM ` + pgx.Identifier{schema, logHead}.Sanitize() + ` LIMIT 1) h
-		LEFT JOIN LATERAL (SELECT * FROM ` + pgx.Identifier{schema, logEntries}.Sanitize() + `
-			WHERE position > $1 ORDER BY position LIMIT $2) e ON true
-		ORDER BY e.position`
+// readHeadSQL reads the log's identity, end, and the last position retention
+// removed.
+func readHeadSQL(schema string) string {
+	return "SELECT replace(log_id::text, '-', ''), position, dropped FROM " + pgx.Identifier{schema, logHead}.Sanitize()
+}
+
+// readPageSQL reads a page of entries after a position ($1, at most $2).
+func readPageSQL(schema string) string {
+	return "SELECT position, off, tbl, coalesce(id, ''), op::text, coalesce(version, 0), val FROM " +
+		pgx.Identifier{schema, logEntries}.Sanitize() + " WHERE position > $1 ORDER BY position LIMIT $2"
 }
 
 // janitorLockSQL elects the one connector that rotates a schema's log.

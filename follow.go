@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgstore/pgstore/internal/backoff"
@@ -91,9 +92,28 @@ func (s *Subscription) follow(logID string, pos int64) {
 	wait := backoff.Backoff{Min: 50 * time.Millisecond, Max: 5 * time.Second}
 	poll := time.NewTimer(logPollInterval)
 	defer poll.Stop()
+	// While a page is delivered, the next is read: at most two pages are
+	// held, and a reader far behind reads and delivers at once.
+	var ahead chan pageRead
+	var aheadFrom int64
+	defer func() {
+		if ahead != nil {
+			<-ahead // ended by stop, which cancels the reads
+		}
+	}()
 	for {
 		s.logPos.Store(pos)
-		page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos)
+		var r pageRead
+		if ahead != nil && aheadFrom == pos {
+			r = <-ahead
+		} else {
+			if ahead != nil {
+				<-ahead
+			}
+			r = s.read(pos)
+		}
+		ahead = nil
+		page, head, err := r.page, r.head, r.err
 		switch {
 		case s.readCtx.Err() != nil:
 			return
@@ -121,6 +141,11 @@ func (s *Subscription) follow(logID string, pos int64) {
 			continue
 		}
 		wait.Reset()
+		if n := len(page); n > 0 && page[n-1].position < head.position {
+			aheadFrom = page[n-1].position
+			ahead = make(chan pageRead, 1)
+			go func(from int64) { ahead <- s.read(from) }(aheadFrom)
+		}
 		for _, e := range page {
 			ev := e.event(s.cfg.schema, logID)
 			if s.wants(ev) && !s.call(ev) {
@@ -143,6 +168,18 @@ func (s *Subscription) follow(logID string, pos int64) {
 	}
 }
 
+// A pageRead is the result of readLog.
+type pageRead struct {
+	page []logEntry
+	head logHeadRow
+	err  error
+}
+
+func (s *Subscription) read(pos int64) pageRead {
+	page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos)
+	return pageRead{page, head, err}
+}
+
 func (s *Subscription) sleep(d time.Duration) bool {
 	select {
 	case <-s.stopped:
@@ -160,38 +197,33 @@ func (s *Subscription) wants(e Event) bool {
 }
 
 // readLog reads a page of the entries after pos, with the head, in one
-// round trip.
+// round trip: two statements, so that neither is planned as a join.
 func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]logEntry, logHeadRow, error) {
 	var head logHeadRow
-	rows, err := c.pool.Query(ctx, readLogSQL(schema), pos, logPageEntries)
-	if err != nil {
-		return nil, head, err
-	}
-	defer rows.Close()
 	var page []logEntry
-	bytes := 0
-	for rows.Next() {
-		var (
-			position, offset, version *int64
-			table, id, op             *string
-			val                       []byte
-		)
-		if err := rows.Scan(&head.log, &head.position, &head.dropped, &position, &offset, &table, &id, &op, &version, &val); err != nil {
-			return nil, head, err
+	var pb pgx.Batch
+	pb.Queue(readHeadSQL(schema)).QueryRow(func(row pgx.Row) error {
+		return row.Scan(&head.log, &head.position, &head.dropped)
+	})
+	pb.Queue(readPageSQL(schema), pos, logPageEntries).Query(func(rows pgx.Rows) error {
+		bytes := 0
+		for rows.Next() {
+			var e logEntry
+			var val []byte
+			if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &e.op, &e.version, &val); err != nil {
+				return err
+			}
+			if val != nil {
+				e.value = json.RawMessage(val)
+			}
+			page = append(page, e)
+			if bytes += len(val); bytes >= logPageBytes {
+				break // the rest of the page is read and dropped by pgx
+			}
 		}
-		if position == nil {
-			break // no entries: the row of the head alone
-		}
-		e := logEntry{position: *position, offset: *offset, table: *table, id: *id, op: *op, version: *version}
-		if val != nil {
-			e.value = json.RawMessage(val)
-		}
-		page = append(page, e)
-		if bytes += len(val); bytes >= logPageBytes {
-			break
-		}
-	}
-	if err := rows.Err(); err != nil {
+		return rows.Err()
+	})
+	if err := c.pool.SendBatch(ctx, &pb).Close(); err != nil {
 		return nil, head, err
 	}
 	if pos < head.dropped {

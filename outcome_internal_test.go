@@ -63,7 +63,7 @@ func TestAClaimThatAloneFencesAnAttemptIsKept(t *testing.T) {
 }
 
 // The planner must see a page of the log as what it is, a few hundred rows:
-// estimated as a join with a head of hundreds of rows, the read was
+// estimated once as a join with a head of hundreds of rows, the read was
 // JIT-compiled, at 12 ms a read once the log held 200,000 entries.
 func TestAPageOfTheLogIsPlannedAsAFewHundredRows(t *testing.T) {
 	t.Parallel()
@@ -78,6 +78,6 @@ func TestAPageOfTheLogIsPlannedAsAFewHundredRows(t *testing.T) {
 			Rows float64 `json:"Plan Rows"`
 		}
 	}
-	require.NoError(t, c.pool.QueryRow(ctx, "EXPLAIN (FORMAT JSON) "+readLogSQL(schema), 0, logPageEntries).Scan(&plan))
+	require.NoError(t, c.pool.QueryRow(ctx, "EXPLAIN (FORMAT JSON) "+readPageSQL(schema), 0, logPageEntries).Scan(&plan))
 	require.LessOrEqual(t, plan[0].Plan.Rows, float64(logPageEntries))
 }

@@ -47,6 +47,7 @@ var figureGroups = []figureGroup{
 	{"concurrent", concurrentFigure},
 	{"get", getFigures},
 	{"change", changeFigures},
+	{"log", logFigures},
 	{"memory", memoryFigure},
 }
 
@@ -63,11 +64,15 @@ type settings struct {
 	gets       int
 	changes    int
 	memRecords int
-	goroutines int
-	rounds     int
-	valueBytes int
-	figures    []string
-	cpuProfile string
+	// replayEntries is how far behind the log's end the replay figure's
+	// subscription starts; fanoutSamples the fanout figure's latency samples.
+	replayEntries int
+	fanoutSamples int
+	goroutines    int
+	rounds        int
+	valueBytes    int
+	figures       []string
+	cpuProfile    string
 }
 
 func parseFlags(args []string) (settings, error) {
@@ -79,11 +84,13 @@ func parseFlags(args []string) (settings, error) {
 	fs.IntVar(&s.concurrent, "concurrent-records", 0, "records written by the concurrent Set figure (default 20000, -quick 4000)")
 	fs.IntVar(&s.gets, "gets", 0, "Get samples (default 10000, -quick 2000)")
 	fs.IntVar(&s.changes, "changes", 0, "change-latency samples (default 2000, -quick 300)")
+	fs.IntVar(&s.replayEntries, "replay-entries", 0, "log entries the replay figure's subscription starts behind (default 1000000, -quick 100000)")
+	fs.IntVar(&s.fanoutSamples, "fanout-samples", 0, "delivery-latency samples of the fanout figure, one every 10 ms (default 500, -quick 300)")
 	fs.IntVar(&s.memRecords, "mem-records", 0, "records written by the memory figure (default 1000000, -quick 200000)")
 	fs.IntVar(&s.goroutines, "goroutines", 8, "goroutines of the concurrent figures")
 	fs.IntVar(&s.rounds, "rounds", 0, "rounds of each throughput figure, best kept (default 3, -quick 1)")
 	fs.IntVar(&s.valueBytes, "value-bytes", 200, "size of each record's JSON value")
-	figures := fs.String("figures", "write,concurrent,get,change,memory", "figures to measure, comma-separated")
+	figures := fs.String("figures", "write,concurrent,get,change,log,memory", "figures to measure, comma-separated")
 	fs.StringVar(&s.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
 	if err := fs.Parse(args); err != nil {
 		return s, err
@@ -104,9 +111,11 @@ func parseFlags(args []string) (settings, error) {
 	byMode(&s.concurrent, 20_000, 4_000) // the raw side writes a row per round trip
 	byMode(&s.gets, 10_000, 2_000)
 	byMode(&s.changes, 2_000, 300)
+	byMode(&s.replayEntries, 1_000_000, 100_000)
+	byMode(&s.fanoutSamples, 500, 300)
 	byMode(&s.memRecords, 1_000_000, 200_000)
 	byMode(&s.rounds, 3, 1)
-	for _, n := range []int{s.records, s.concurrent, s.gets, s.changes, s.memRecords, s.goroutines, s.rounds} {
+	for _, n := range []int{s.records, s.concurrent, s.gets, s.changes, s.replayEntries, s.fanoutSamples, s.memRecords, s.goroutines, s.rounds} {
 		if n < 1 {
 			return s, errors.New("sizes, -goroutines and -rounds must be at least 1")
 		}

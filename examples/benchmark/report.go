@@ -46,6 +46,8 @@ var figureDefs = []figureDef{
 	{"change_p99", "change latency p99", "µs", latency, "none", 0},
 	{"change_log_p50", "change latency p50, change log", "µs", latency, "ratio ≥ 0.5", 0.5},
 	{"change_log_p99", "change latency p99, change log", "µs", latency, "none", 0},
+	{"replay", "replay, subscription far behind the log", "ev/s", throughput, "ratio ≥ 0.8", 0.8},
+	{"fanout", "write, 16 subscribers / 1, change log", "rec/s", throughput, "ratio ≥ 0.9", 0.9},
 	{"peak_heap_mb", "peak heap, SetAsync run", "MB", heap, fmt.Sprintf("< %d MB", heapTargetMB), 1},
 }
 

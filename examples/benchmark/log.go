@@ -1,0 +1,488 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/pgstore/pgstore"
+)
+
+// logRetention is the retention of the log figures' connectors: long enough
+// that no rotation happens during a run.
+const logRetention = time.Hour
+
+// replayTimeout is how long a replay may take before the run gives up.
+const replayTimeout = 5 * time.Minute
+
+// Fan-out: the subscribing connectors, the delivery-latency samples (one
+// write every fanoutInterval) and how long the subscribers may take to
+// catch up with a write figure's records.
+const (
+	fanoutSubscribers = 16
+	fanoutInterval    = 10 * time.Millisecond
+	fanoutCatchUp     = time.Minute
+)
+
+// logFigures measures the change log's reading side: a subscription that
+// starts far behind (replay), and write throughput while many connectors
+// follow the log (fanout).
+func logFigures(ctx context.Context, e *env) error {
+	if err := replayFigure(ctx, e); err != nil {
+		return err
+	}
+	return fanoutFigure(ctx, e)
+}
+
+// cursorPosition returns the position of a change-log cursor
+// ("<log id>.<position>").
+func cursorPosition(c string) (int64, error) {
+	_, pos, ok := strings.Cut(c, ".")
+	if !ok {
+		return 0, fmt.Errorf("not a change-log cursor: %q", c)
+	}
+	return strconv.ParseInt(pos, 10, 64)
+}
+
+// replayFigure measures how fast a subscription that starts -replay-entries
+// entries behind the log's end delivers them, to a handler that does
+// nothing, against paging through the same entries raw on one connection.
+func replayFigure(ctx context.Context, e *env) error {
+	const figure, table = "replay", "replay"
+	n := e.s.replayEntries
+	c, err := e.connectLabelled(ctx, figure, e.logged, pgstore.WithChangeLog(logRetention))
+	if err != nil {
+		return err
+	}
+	defer c.close()
+
+	// The table exists before the start cursor, so that what follows it is
+	// the n inserts alone.
+	if err := c.Set(ctx, table+"/_warm", 0, json.RawMessage(`{"warm":true}`)); err != nil {
+		return err
+	}
+	_, start, err := c.List(ctx, table, "", 1)
+	if err != nil {
+		return err
+	}
+	progress("%s: filling the log with %d entries", figure, n)
+	fillStart := time.Now()
+	err = labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
+		buf := make([]byte, 0, e.s.valueBytes)
+		key := make([]byte, 0, 32)
+		var last *pgstore.Result
+		for i := range n {
+			if i%4096 == 0 && ctx.Err() != nil {
+				return ctx.Err()
+			}
+			buf = appendValue(buf[:0], i, 1, e.s.valueBytes)
+			key = strconv.AppendInt(append(key[:0], table+"/r"...), int64(i), 10)
+			last = c.SetAsync(ctx, string(key), 1, json.RawMessage(buf))
+		}
+		return last.Wait(ctx)
+	})
+	if err != nil {
+		return fmt.Errorf("fill: %w", err)
+	}
+	fillTime := time.Since(fillStart)
+	_, end, err := c.List(ctx, table, "", 1)
+	if err != nil {
+		return err
+	}
+	from, err := cursorPosition(start)
+	if err != nil {
+		return err
+	}
+	to, err := cursorPosition(end)
+	if err != nil {
+		return err
+	}
+	if to-from != int64(n) {
+		return fmt.Errorf("the log holds %d entries after the start cursor, want %d (some writes failed?)", to-from, n)
+	}
+	progress("%s: filled in %v (%.0f rec/s); the log runs from %d to %d", figure, fillTime.Round(time.Millisecond),
+		float64(n)/fillTime.Seconds(), from, to)
+
+	// Open the connector's listening connection, and read the entries once
+	// untimed, so that neither side reads them first from a cold cache.
+	warm, err := c.Subscribe(ctx, func(pgstore.Event) {})
+	if err != nil {
+		return err
+	}
+	warm.Close()
+	if _, err := e.rawReplay(ctx, from, to); err != nil {
+		return err
+	}
+
+	best := bestOf{}
+	for round := range e.s.rounds {
+		step := fmt.Sprintf("%s round %d", figure, round+1)
+		sides := []func() error{
+			func() error {
+				return labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
+					v, err := replaySubscription(ctx, c, start, end, n)
+					if err == nil {
+						best.add("pgstore", v)
+						progress("%s: pgstore %.0f ev/s", step, v)
+					}
+					return err
+				})
+			},
+			func() error {
+				return labelled(ctx, figure, "raw", func(ctx context.Context) error {
+					v, err := e.rawReplay(ctx, from, to)
+					if err == nil {
+						best.add("raw", v)
+						progress("%s: raw %.0f ev/s", step, v)
+					}
+					return err
+				})
+			},
+		}
+		if err := runAlternating(round, sides); err != nil {
+			return err
+		}
+	}
+	e.rep.set(figure, best["pgstore"], best["raw"])
+	e.rep.note("replay: a subscription started with After(cursor) %d entries behind the log's end (inserts of %d-byte values, written untimed with SetAsync at %.0f rec/s), "+
+		"timed from Subscribe until the handler (which does nothing) gets the last entry; "+
+		"ceiling = SELECT position, off, tbl, id, op, version, val FROM the log WHERE position > $1 ORDER BY position LIMIT 500, page after page on one connection, every column scanned",
+		n, e.s.valueBytes, float64(n)/fillTime.Seconds())
+	return nil
+}
+
+// replaySubscription subscribes after start and returns the events per
+// second until the event at end arrives.
+func replaySubscription(ctx context.Context, c *store, start, end string, n int) (float64, error) {
+	done := make(chan struct{})
+	var got int
+	var bad atomic.Pointer[pgstore.Event]
+	t0 := time.Now()
+	sub, err := c.Subscribe(ctx, func(ev pgstore.Event) {
+		got++
+		if ev.Type == pgstore.Resync {
+			bad.CompareAndSwap(nil, &ev)
+		}
+		if ev.Cursor == end {
+			close(done)
+		}
+	}, pgstore.After(start))
+	if err != nil {
+		return 0, err
+	}
+	timer := time.NewTimer(replayTimeout)
+	defer timer.Stop()
+	select {
+	case <-done:
+	case <-timer.C:
+		sub.Close()
+		return 0, fmt.Errorf("pgstore: the last of %d entries not delivered within %v", n, replayTimeout)
+	case <-ctx.Done():
+		sub.Close()
+		return 0, ctx.Err()
+	}
+	elapsed := time.Since(t0)
+	sub.Close()
+	if ev := bad.Load(); ev != nil {
+		return 0, fmt.Errorf("pgstore: Resync during the replay: %v", ev.Reason)
+	}
+	if got != n {
+		return 0, fmt.Errorf("pgstore: %d events delivered, want %d", got, n)
+	}
+	return float64(n) / elapsed.Seconds(), nil
+}
+
+// rawReplay reads the log's entries after from up to to, a page of 500 at a
+// time, on one connection, and returns the entries per second.
+func (e *env) rawReplay(ctx context.Context, from, to int64) (float64, error) {
+	conn, err := e.raw.Acquire(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Release()
+	sql := "SELECT position, off, tbl, id, op, version, val FROM " + ident(e.logged, "pgstore/log_entries") +
+		" WHERE position > $1 ORDER BY position LIMIT 500"
+	var (
+		position, off int64
+		tbl, op       string
+		id            pgtype.Text
+		version       pgtype.Int8
+		val           []byte
+	)
+	dest := []any{&position, &off, &tbl, &id, &op, &version, &val}
+	t0 := time.Now()
+	pos, read := from, 0
+	for pos < to {
+		rows, err := conn.Query(ctx, sql, pos)
+		if err != nil {
+			return 0, fmt.Errorf("raw: %w", err)
+		}
+		page := 0
+		for rows.Next() {
+			if err := rows.Scan(dest...); err != nil {
+				rows.Close()
+				return 0, fmt.Errorf("raw: %w", err)
+			}
+			pos = position
+			page++
+		}
+		if err := rows.Err(); err != nil {
+			return 0, fmt.Errorf("raw: %w", err)
+		}
+		if page == 0 {
+			return 0, fmt.Errorf("raw: the log ends at %d, want %d", pos, to)
+		}
+		read += page
+	}
+	elapsed := time.Since(t0)
+	if want := int(to - from); read != want {
+		return 0, fmt.Errorf("raw: read %d entries, want %d", read, want)
+	}
+	return float64(read) / elapsed.Seconds(), nil
+}
+
+// fanoutFigure measures SetAsync throughput from one goroutine, fresh keys,
+// on a logged schema that fanoutSubscribers other connectors (each on a pool
+// of its own) follow, against the same with one of them following; then the
+// delivery latency to all of them.
+func fanoutFigure(ctx context.Context, e *env) error {
+	const figure = "fanout"
+	opt := pgstore.WithChangeLog(logRetention)
+	c, err := e.connectLabelled(ctx, figure, e.logged, opt)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	subs := make([]*store, 0, fanoutSubscribers)
+	defer func() {
+		var wg sync.WaitGroup
+		for _, s := range subs {
+			wg.Go(s.close)
+		}
+		wg.Wait()
+	}()
+	for range fanoutSubscribers {
+		s, err := e.connectLabelled(ctx, figure, e.logged, opt)
+		if err != nil {
+			return err
+		}
+		subs = append(subs, s)
+	}
+
+	d := newDataset(e.s.records, e.s.valueBytes)
+	best := bestOf{}
+	catchUp := map[int]time.Duration{} // of the last round
+	flushSizes := map[int]float64{}
+	for round := range e.s.rounds {
+		var sides []func() error
+		for _, n := range []int{fanoutSubscribers, 1} {
+			side := strconv.Itoa(n)
+			sides = append(sides, func() error {
+				return labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
+					step := fmt.Sprintf("%s round %d, %d subscriber(s)", figure, round+1, n)
+					table := fmt.Sprintf("fan%d_r%d", n, round+1)
+					v, perFlush, lag, err := e.fanoutWrite(ctx, c, subs[:n], table, d)
+					if err != nil {
+						return fmt.Errorf("%s: %w", step, err)
+					}
+					best.add(side, v)
+					catchUp[n], flushSizes[n] = lag, perFlush
+					progress("%s: %.0f rec/s, %.0f records per flush, subscribers caught up %v after the last write",
+						step, v, perFlush, lag.Round(time.Millisecond))
+					return nil
+				})
+			})
+		}
+		if err := runAlternating(round, sides); err != nil {
+			return err
+		}
+	}
+	with16, with1 := best[strconv.Itoa(fanoutSubscribers)], best["1"]
+	e.rep.set(figure, with16, with1)
+	e.rep.note("fanout: %d fresh records through SetAsync from one goroutine, every Result waited on, on a schema with the change log, "+
+		"while %d other connectors (each on a pool of its own) follow the log with a subscription each; ceiling = the same with 1 subscribing connector. "+
+		"Every subscriber reads every entry itself (%d× the log's reads), and here the subscribers share the machine's %d CPUs with the writer and the server. "+
+		"The subscribers caught up %v (%d) and %v (1) after the last write, last round; pgstore wrote %.0f and %.0f records per flush",
+		e.s.records, fanoutSubscribers, fanoutSubscribers, runtime.NumCPU(), catchUp[fanoutSubscribers].Round(time.Millisecond), fanoutSubscribers,
+		catchUp[1].Round(time.Millisecond), flushSizes[fanoutSubscribers], flushSizes[1])
+
+	return labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
+		return e.fanoutLatency(ctx, c, subs)
+	})
+}
+
+// fanoutWrite writes the dataset into a fresh table while subs follow the
+// log, and waits until each has heard every record. It returns the write's
+// records per second and per flush, and how long after the last Result the
+// last subscriber heard the last record.
+func (e *env) fanoutWrite(ctx context.Context, c *store, subs []*store, table string, d *dataset) (rate, perFlush float64, lag time.Duration, err error) {
+	// Create the table before subscribing: its CREATE_TABLE event and the
+	// warm-up record are not counted.
+	if err := c.Set(ctx, table+"/_warm", 0, json.RawMessage(`{"warm":true}`)); err != nil {
+		return 0, 0, 0, err
+	}
+	want := int64(len(d.ids))
+	var heardAll sync.WaitGroup
+	var lastHeard atomic.Int64 // nanoseconds since base
+	base := time.Now()
+	var subscriptions []*pgstore.Subscription
+	defer func() {
+		for _, s := range subscriptions {
+			s.Close()
+		}
+	}()
+	for _, s := range subs {
+		var heard int64
+		heardAll.Add(1)
+		sub, err := s.Subscribe(ctx, func(ev pgstore.Event) {
+			if ev.Type != pgstore.Insert {
+				return
+			}
+			if heard++; heard == want {
+				at := int64(time.Since(base))
+				for old := lastHeard.Load(); old < at && !lastHeard.CompareAndSwap(old, at); old = lastHeard.Load() {
+				}
+				heardAll.Done()
+			}
+		}, pgstore.ForTables(table))
+		if err != nil {
+			heardAll.Done()
+			return 0, 0, 0, err
+		}
+		subscriptions = append(subscriptions, sub)
+	}
+	rate, perFlush, err = c.setAsyncAll(ctx, d.keys(table), d.fresh, 1)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	wrote := time.Since(base)
+	if err := waitGroup(ctx, &heardAll, fanoutCatchUp); err != nil {
+		return 0, 0, 0, fmt.Errorf("subscribers: %w", err)
+	}
+	if err := e.check(ctx, e.logged, table, len(d.ids), 1); err != nil {
+		return 0, 0, 0, err
+	}
+	return rate, perFlush, max(time.Duration(lastHeard.Load())-wrote, 0), nil
+}
+
+// waitGroup waits for wg, at most timeout.
+func waitGroup(ctx context.Context, wg *sync.WaitGroup, timeout time.Duration) error {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-timer.C:
+		return fmt.Errorf("not caught up within %v", timeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// fanoutLatency updates one key with Set every fanoutInterval while subs
+// follow the log, and notes the time from each Set's call to each
+// subscriber's handler.
+func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error {
+	const figure, table, id = "fanout", "fanlat", "k"
+	samples := e.s.fanoutSamples
+	total := changeWarmup + samples
+	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	if err := c.Set(ctx, table+"/"+id, 0, val); err != nil {
+		return err
+	}
+	base := time.Now()
+	sent := make([]atomic.Int64, total) // nanoseconds since base, by version-1
+	heard := make([][]time.Duration, len(subs))
+	var heardAll sync.WaitGroup
+	var subscriptions []*pgstore.Subscription
+	closeAll := func() {
+		for _, s := range subscriptions {
+			s.Close() // waits for a handler call in progress
+		}
+		subscriptions = nil
+	}
+	defer closeAll()
+	for i, s := range subs {
+		heard[i] = make([]time.Duration, total)
+		got := heard[i]
+		heardAll.Add(1)
+		sub, err := s.Subscribe(ctx, func(ev pgstore.Event) {
+			v := ev.Version
+			if ev.ID != id || v < 1 || v > int64(total) || (ev.Type != pgstore.Update && ev.Type != pgstore.Insert) {
+				return
+			}
+			got[v-1] = time.Since(base) - time.Duration(sent[v-1].Load())
+			if v == int64(total) {
+				heardAll.Done()
+			}
+		}, pgstore.ForTables(table))
+		if err != nil {
+			heardAll.Done()
+			return err
+		}
+		subscriptions = append(subscriptions, sub)
+	}
+	tick := time.NewTicker(fanoutInterval)
+	defer tick.Stop()
+	for v := 1; v <= total; v++ {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		sent[v-1].Store(int64(time.Since(base)))
+		if err := c.Set(ctx, table+"/"+id, int64(v), val); err != nil {
+			return err
+		}
+	}
+	late := waitGroup(ctx, &heardAll, changeTimeout)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	closeAll()
+
+	var all []time.Duration
+	lost := 0
+	worst := time.Duration(0) // the largest p99 of one subscriber
+	for _, got := range heard {
+		var mine []time.Duration
+		for _, d := range got[changeWarmup:] {
+			if d == 0 {
+				lost++
+				continue
+			}
+			mine = append(mine, d)
+		}
+		if len(mine) > 0 {
+			_, p99 := percentiles(mine)
+			worst = max(worst, p99)
+		}
+		all = append(all, mine...)
+	}
+	if len(all) == 0 {
+		return errors.New("fanout latency: no change heard")
+	}
+	p50, p99 := percentiles(all)
+	progress("%s: delivery to %d subscribers p50 %v p99 %v (worst subscriber's p99 %v), %d of %d lost",
+		figure, len(subs), p50, p99, worst, lost, samples*len(subs))
+	e.rep.note("fanout: delivery latency from the call of Set (write interval 0) to each of the %d subscribing connectors' handlers, "+
+		"one update of one key every %v, %d samples: p50 %.1f µs, p99 %.1f µs over all %d×%d deliveries (worst subscriber's p99 %.1f µs)",
+		len(subs), fanoutInterval, samples, micros(p50), micros(p99), len(subs), samples, micros(worst))
+	if lost > 0 || late != nil {
+		e.rep.note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
+	}
+	return nil
+}
