@@ -114,11 +114,11 @@ func (c *Connector) snapshot(ctx context.Context, read func(pgx.Tx) error) (stri
 	var at string
 	err := pgx.BeginTxFunc(ctx, c.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		// The first statement takes the snapshot that the rest reads.
-		logged, err := hasLog(ctx, tx, c.cfg.schema)
+		state, err := readLogState(ctx, tx, c.cfg.schema)
 		if err != nil {
 			return err
 		}
-		if logged {
+		if state == logOn {
 			head, err := readHead(ctx, tx, c.cfg.schema)
 			if err != nil {
 				return err

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // The change log is the durable change feed: the triggers of the record
@@ -78,7 +79,8 @@ func createLogSQL(schema string, retention time.Duration) []string {
 			dropped bigint NOT NULL DEFAULT 0,
 			part smallint NOT NULL DEFAULT 0,
 			retention interval NOT NULL,
-			rotated_at timestamptz NOT NULL DEFAULT now())`,
+			rotated_at timestamptz NOT NULL DEFAULT now(),
+			active boolean NOT NULL DEFAULT false)`,
 		"INSERT INTO " + head + " (retention) VALUES (" + intervalLiteral(retention) + ")",
 		"CREATE TABLE " + offsets + " (tbl text PRIMARY KEY, off bigint NOT NULL)",
 		"CREATE TABLE " + entries + ` (part smallint NOT NULL, position bigint NOT NULL, tbl text NOT NULL, off bigint NOT NULL,
@@ -190,20 +192,63 @@ func lockHeadSQL(schema string) string {
 	return "SELECT FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE"
 }
 
-// hasLog reports whether the schema has a change log.
-func hasLog(ctx context.Context, q interface {
+// A logState is where a schema stands with its change log. A log is switched
+// on in steps, so that no event falls between the feeds: it is made
+// (logStarting), every table gets the log's triggers beside its NOTIFY ones,
+// the log is marked active (logOn) in the transaction that tells the NOTIFY
+// feed's subscriptions, and only then do the NOTIFY triggers go. Until the
+// log is on, the NOTIFY feed is the whole truth; from then on, the log is.
+type logState int
+
+const (
+	logNone logState = iota
+	logStarting
+	logOn
+)
+
+// readLogState reads where the schema stands with its change log.
+func readLogState(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
-}, schema string) (bool, error) {
+}, schema string) (logState, error) {
 	var exists bool
 	err := q.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_tables WHERE schemaname = $1 AND tablename = $2)", schema, logHead).Scan(&exists)
-	return exists, err
+	if err != nil || !exists {
+		return logNone, err
+	}
+	var active bool
+	if err := q.QueryRow(ctx, "SELECT active FROM "+pgx.Identifier{schema, logHead}.Sanitize()).Scan(&active); err != nil {
+		return logNone, err
+	}
+	if active {
+		return logOn, nil
+	}
+	return logStarting, nil
+}
+
+// activateLog marks the schema's log on, and tells the NOTIFY feed's
+// subscriptions in the same transaction, once every table appends to it.
+// It reports whether this call switched it on.
+func activateLog(ctx context.Context, db beginner, schema string) (bool, error) {
+	var switched bool
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET active = true WHERE NOT active")
+		if err != nil {
+			return err
+		}
+		switched = tag.RowsAffected() == 1
+		return announceLog(ctx, tx, schema)
+	})
+	return switched, err
 }
 
 // prepareLog creates the schema's log if it has none, or records the
 // retention asked for. The caller holds the schema's DDL lock.
 func prepareLog(ctx context.Context, tx pgx.Tx, schema string, retention time.Duration) error {
-	exists, err := hasLog(ctx, tx, schema)
-	if err != nil || exists {
+	state, err := readLogState(ctx, tx, schema)
+	if err != nil || state != logNone {
 		if err == nil {
 			_, err = tx.Exec(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET retention = "+intervalLiteral(retention)+
 				" WHERE retention <> "+intervalLiteral(retention))
@@ -348,16 +393,30 @@ func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rot
 		if err := tx.QueryRow(ctx, janitorLockSQL, schema).Scan(&elected); err != nil || !elected {
 			return err
 		}
-		// Appends wait behind this lock while the partition is emptied:
-		// never for long.
-		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '5s'"); err != nil {
-			return err
-		}
 		head := pgx.Identifier{schema, logHead}.Sanitize()
 		var part int
 		var due bool
-		err := tx.QueryRow(ctx, "SELECT part, now() - rotated_at >= retention / 2 FROM "+head+" FOR UPDATE").Scan(&part, &due)
+		err := tx.QueryRow(ctx, "SELECT part, now() - rotated_at >= retention / 2 FROM "+head).Scan(&part, &due)
 		if err != nil || !(due || force) {
+			return err
+		}
+		// The partition first, and only briefly: a session that reads it
+		// (an idle transaction, a dump) makes the rotation wait for the
+		// next tick, not every writer of the schema behind the head.
+		// Only this janitor, elected above, changes part.
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '200ms'"); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "LOCK TABLE "+logPart(schema, (part+1)%logParts)+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+			if isLockTimeout(err) {
+				return errPartitionBusy
+			}
+			return err
+		}
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '5s'"); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "SELECT FROM "+head+" FOR UPDATE"); err != nil {
 			return err
 		}
 		next := (part + 1) % logParts
@@ -372,7 +431,18 @@ func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rot
 		rotated = err == nil
 		return err
 	})
+	if errors.Is(err, errPartitionBusy) {
+		return false, nil
+	}
 	return rotated, err
+}
+
+// errPartitionBusy says that the partition to rotate is being read.
+var errPartitionBusy = errors.New("the log partition to empty is in use")
+
+func isLockTimeout(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "55P03"
 }
 
 // janitorInterval is how often a connector looks whether its schema's log
@@ -399,6 +469,10 @@ func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
 		case <-t.C:
 		}
 		if !c.logged.Load() {
+			// Another connector may have switched the log on since.
+			if state, err := readLogState(ctx, c.pool, c.cfg.schema); err == nil && state != logNone {
+				c.logged.Store(true)
+			}
 			continue
 		}
 		if _, err := rotateLog(ctx, c.pool, c.cfg.schema, false); err != nil && ctx.Err() == nil && !isUndefinedTable(err) {

@@ -376,12 +376,17 @@ const defaultStuckAfter = 10 * time.Second
 func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	const name = "change log"
 	schema := c.cfg.schema
-	logged, err := hasLog(ctx, c.pool, schema)
+	state, err := readLogState(ctx, c.pool, schema)
 	if err != nil {
 		return err
 	}
-	if !logged {
+	switch state {
+	case logNone:
 		r.add(name, true, "none: the feed is NOTIFY payloads, and a lost LISTEN connection costs subscribers a Resync (WithChangeLog turns the log on)", "")
+		return nil
+	case logStarting:
+		r.add(name, false, "being switched on, and not yet on: a connector with WithChangeLog stopped before every table appended to it; the NOTIFY feed still serves",
+			"start a connector with WithChangeLog on the schema again: it finishes the switch")
 		return nil
 	}
 	var (

@@ -158,22 +158,29 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err := pool.Ping(ctx); err != nil {
 		return nil, fmt.Errorf("pgstore: connect: %w", err)
 	}
-	logged, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog)
+	state, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
 	}
 	if cfg.eventsChosen || cfg.changeLog > 0 {
-		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, logged); err != nil {
+		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
-	if cfg.changeLog > 0 {
-		// Every table appends to the log now: the NOTIFY feed's
-		// subscriptions, on nodes started before, switch to it.
-		if err := announceLog(ctx, pool, cfg.schema); err != nil {
-			return nil, fmt.Errorf("pgstore: announce the change log of schema %q: %w", cfg.schema, err)
+	if cfg.changeLog > 0 && state == logStarting {
+		// Every table appends to the log now (and still notifies): the
+		// log goes on, the NOTIFY feed's subscriptions, on nodes started
+		// before, are told to switch to it, and then the NOTIFY triggers
+		// go.
+		if _, err := activateLog(ctx, pool, cfg.schema); err != nil {
+			return nil, fmt.Errorf("pgstore: switch the change log of schema %q on: %w", cfg.schema, err)
+		}
+		state = logOn
+		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
+			return nil, fmt.Errorf("pgstore: remove the NOTIFY triggers of schema %q, now that its change log is on: %w", cfg.schema, err)
 		}
 	}
+	logged := state != logNone
 	c := &Connector{
 		pool:     pool,
 		cfg:      cfg,
@@ -203,7 +210,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	}
 	c.subs = make(map[string]map[*Subscription]struct{})
 	c.logSubs = make(map[string]map[*Subscription]struct{})
-	c.logged.Store(logged)
+	c.logged.Store(logged) // the triggers of some tables take the head lock
 	janitorCtx, stopJanitor := context.WithCancel(context.Background())
 	c.stopJanitor = stopJanitor
 	c.janitorDone = make(chan struct{})

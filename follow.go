@@ -96,6 +96,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 	// held, and a reader far behind reads and delivers at once.
 	var ahead chan pageRead
 	var aheadFrom int64
+	gone := false // the log was found removed, and the Resync delivered
 	defer func() {
 		if ahead != nil {
 			<-ahead // ended by stop, which cancels the reads
@@ -118,9 +119,16 @@ func (s *Subscription) follow(logID string, pos int64) {
 		case s.readCtx.Err() != nil:
 			return
 		case isUndefinedTable(err):
-			s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone})
-			<-s.stopped // nothing more to read
-			return
+			// The schema was destroyed: say so once, then look for a log
+			// made again, which the check of its identity below takes up.
+			if !gone && !s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone}) {
+				return
+			}
+			gone = true
+			if !s.sleep(logPollInterval) {
+				return
+			}
+			continue
 		case err != nil:
 			s.c.cfg.logger.Warn("pgstore: cannot read the change log; retrying", "schema", s.cfg.schema, "err", err)
 			if !s.sleep(wait.Next()) {
@@ -128,7 +136,10 @@ func (s *Subscription) follow(logID string, pos int64) {
 			}
 			continue
 		case head.log != logID:
-			s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone, Cursor: cursor{log: head.log}.String()})
+			if !gone && !s.call(Event{Type: Resync, Schema: s.cfg.schema, Reason: ErrLogGone, Cursor: cursor{log: head.log}.String()}) {
+				return
+			}
+			gone = false
 			logID, pos = head.log, 0
 			continue
 		case pos < head.dropped:

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -161,15 +162,22 @@ func triggerName(base string, logged bool) string {
 }
 
 // triggerSQL returns the statements that create the triggers for the events
-// in the set: appending to the change log when logged, else notifying.
-func triggerSQL(schema, table string, events eventSet, logged bool) []string {
+// in the set: notifying until the schema's log is on, appending to it once
+// it is being switched on (see logState).
+func triggerSQL(schema, table string, events eventSet, state logState) []string {
 	var stmts []string
-	if logged && events&rowEvents != 0 {
+	if state != logNone && events&rowEvents != 0 {
 		stmts = append(stmts, headLockTriggerSQL(schema, table))
 	}
 	for _, tr := range rowTriggers {
-		if events.has(tr.event) {
-			stmts = append(stmts, rowTriggerSQL(schema, table, tr.name, tr.when, logged))
+		if !events.has(tr.event) {
+			continue
+		}
+		if state != logOn {
+			stmts = append(stmts, rowTriggerSQL(schema, table, tr.name, tr.when, false))
+		}
+		if state != logNone {
+			stmts = append(stmts, rowTriggerSQL(schema, table, tr.name, tr.when, true))
 		}
 	}
 	return stmts
@@ -188,14 +196,19 @@ func rowTriggerSQL(schema, table, name, when string, logged bool) string {
 // announceDDL records a table event inside the DDL's transaction: in the
 // change log when the schema has one, else as a notification.
 func announceDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
-	logged, err := hasLog(ctx, tx, schema)
+	state, err := readLogState(ctx, tx, schema)
 	if err != nil {
 		return err
 	}
-	if logged {
-		return appendDDL(ctx, tx, schema, t, table)
+	if state != logNone {
+		if err := appendDDL(ctx, tx, schema, t, table); err != nil {
+			return err
+		}
 	}
-	return notifyDDL(ctx, tx, schema, t, table)
+	if state != logOn {
+		return notifyDDL(ctx, tx, schema, t, table)
+	}
+	return nil
 }
 
 // notifyDDL announces a table created or dropped, inside the DDL's transaction
@@ -382,11 +395,11 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 			return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
 		}
 	}
-	logged, err := hasLog(ctx, c.pool, s.cfg.schema)
+	state, err := readLogState(ctx, c.pool, s.cfg.schema)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
 	}
-	if logged {
+	if state == logOn {
 		return c.subscribeLog(ctx, s)
 	}
 	if s.cfg.after != nil {
@@ -407,6 +420,11 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 	if err := c.listener.Listen(ctx, s.cfg.schema); err != nil {
 		s.close(false)
 		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", s.cfg.schema, err)
+	}
+	// The log may have been switched on between the look above and the
+	// LISTEN, its announcement then unheard.
+	if state, err := readLogState(ctx, c.pool, s.cfg.schema); err == nil && state == logOn {
+		c.logStarted(s.cfg.schema)
 	}
 	return s, nil
 }
@@ -637,6 +655,15 @@ func (c *Connector) resyncAll() {
 	}
 	for _, schema := range schemas {
 		c.broadcast(schema, &notice{typ: Resync, events: []Event{{Type: Resync, Schema: schema}}})
+	}
+	// The announcement that a log went on may have been among what was
+	// lost: ask.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, schema := range schemas {
+		if state, err := readLogState(ctx, c.pool, schema); err == nil && state == logOn {
+			c.logStarted(schema)
+		}
 	}
 }
 

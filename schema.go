@@ -155,7 +155,7 @@ const ddlLockSQL = "SELECT pg_advisory_xact_lock(hashtextextended('pgstore ' || 
 
 // createTableSQL returns the statements that create a record table with its
 // change-feed triggers.
-func createTableSQL(schema, name string, events eventSet, logged bool) []string {
+func createTableSQL(schema, name string, events eventSet, state logState) []string {
 	ident := pgx.Identifier{schema, name}.Sanitize()
 	// The primary key's index is a relation of the schema: named with a "/",
 	// which no table name holds, it can never take the name of a table.
@@ -166,7 +166,7 @@ func createTableSQL(schema, name string, events eventSet, logged bool) []string 
 			"CONSTRAINT " + pkey + " PRIMARY KEY (id))",
 		"COMMENT ON TABLE " + ident + " IS '" + tableMarker + "'",
 	}
-	return append(stmts, triggerSQL(schema, name, events, logged)...)
+	return append(stmts, triggerSQL(schema, name, events, state)...)
 }
 
 // ensureTable creates the record table if it does not exist yet. Under the
@@ -187,12 +187,12 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		if err := setupSchema(ctx, tx, schema); err != nil {
 			return err
 		}
-		logged, err := hasLog(ctx, tx, schema)
+		state, err := readLogState(ctx, tx, schema)
 		if err != nil {
 			return err
 		}
-		c.logged.Store(logged)
-		for _, stmt := range createTableSQL(schema, name, c.cfg.events, logged) {
+		c.logged.Store(state != logNone)
+		for _, stmt := range createTableSQL(schema, name, c.cfg.events, state) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
@@ -245,9 +245,9 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 }
 
 // prepareSchema runs setupSchema in its own transaction under the DDL lock,
-// and with a retention, prepareLog. It reports whether the schema has a
-// change log.
-func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration) (logged bool, err error) {
+// and with a retention, prepareLog. It reports where the schema stands with
+// its change log.
+func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration) (state logState, err error) {
 	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
@@ -260,7 +260,7 @@ func prepareSchema(ctx context.Context, db beginner, schema string, retention ti
 				return err
 			}
 		}
-		if logged, err = hasLog(ctx, tx, schema); err != nil {
+		if state, err = readLogState(ctx, tx, schema); err != nil {
 			return err
 		}
 		for _, stmt := range sweepMarkersSQL(schema) {
@@ -270,7 +270,7 @@ func prepareSchema(ctx context.Context, db beginner, schema string, retention ti
 		}
 		return nil
 	})
-	return logged, err
+	return state, err
 }
 
 type beginner interface {
@@ -324,7 +324,7 @@ func listTables(ctx context.Context, q interface {
 func syncTriggers(ctx context.Context, db interface {
 	beginner
 	Query(context.Context, string, ...any) (pgx.Rows, error)
-}, schema string, events eventSet, logged bool) error {
+}, schema string, events eventSet, state logState) error {
 	tables, err := listTables(ctx, db, schema)
 	if err != nil {
 		return err
@@ -332,7 +332,7 @@ func syncTriggers(ctx context.Context, db interface {
 	for _, t := range tables {
 		var stmts []string
 		ident := pgx.Identifier{schema, t.name}.Sanitize()
-		switch has, want := slices.Contains(t.triggers, headLockTrigger), logged && events&rowEvents != 0; {
+		switch has, want := slices.Contains(t.triggers, headLockTrigger), state != logNone && events&rowEvents != 0; {
 		case has && !want:
 			stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident)
 		case !has && want:
@@ -341,13 +341,13 @@ func syncTriggers(ctx context.Context, db interface {
 		for _, tr := range rowTriggers {
 			for _, kind := range []bool{false, true} {
 				name := triggerName(tr.name, kind)
-				want := kind == logged && events.has(tr.event)
+				want := events.has(tr.event) && (kind && state != logNone || !kind && state != logOn)
 				switch has := slices.Contains(t.triggers, name); {
 				case has && !want:
 					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident)
 				case !has && want:
 					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident, // created meanwhile by another connector
-						rowTriggerSQL(schema, t.name, tr.name, tr.when, logged))
+						rowTriggerSQL(schema, t.name, tr.name, tr.when, kind))
 				}
 			}
 		}
