@@ -61,3 +61,18 @@ func TestAStepThatSentNoWriteIsRetriedUnlessTheServerRefusedIt(t *testing.T) {
 	require.Equal(t, writebuf.Permanent, classifyUnsent(&pgconn.PgError{Code: "42501"}), "no privilege to create the table")
 	require.Equal(t, writebuf.Permanent, classifyUnsent(puddle.ErrClosedPool))
 }
+
+// A session the server ended after the commit was sent may have committed
+// (a terminate during a synchronous replication wait reports it as done
+// locally): it is resolved, not retried blindly.
+func TestASessionEndedAfterTheCommitWasSentIsResolved(t *testing.T) {
+	s := &sqlSink{}
+	fatal := &pgconn.PgError{Severity: "FATAL", Code: "57P01"}
+	kind, _ := s.lostOrNot(nil, "t", backend{}, true, classify(context.Background(), fatal), fatal)
+	require.Equal(t, writebuf.Unknown, kind)
+	kind, _ = s.lostOrNot(nil, "t", backend{}, false, classify(context.Background(), fatal), fatal)
+	require.Equal(t, writebuf.Transient, kind, "nothing was sent: retried")
+	deadlock := &pgconn.PgError{Severity: "ERROR", Code: "40P01"}
+	kind, _ = s.lostOrNot(nil, "t", backend{}, true, classify(context.Background(), deadlock), deadlock)
+	require.Equal(t, writebuf.Transient, kind, "the server answered: rolled back")
+}

@@ -267,3 +267,14 @@ func TestCloseEndsABatchWhoseOutcomeItGaveUpOnSoItCannotCommitLater(t *testing.T
 	direct := connectSchema(t, schema)
 	requireRecord(t, direct, "k/x", 1, `"one"`)
 }
+
+func TestWritesGoOnWhenPgstoresCommitMarkersAreDroppedBehindItsBack(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c, schema := connectNamed(t)
+	require.NoError(t, c.Set(ctx, "k/x", 1, "one"))
+	_, err := pgtest.Pool(t).Exec(ctx, "DROP TABLE "+ident(schema, "pgstore/commits"))
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "k/x", 2, "two"), "the markers are made again")
+	requireRecord(t, c, "k/x", 2, `"two"`)
+}
