@@ -15,8 +15,9 @@ import (
 
 // A subscription on a schema with a change log follows the log: it reads
 // the entries after its position, a page at a time, and calls its handler
-// for each before it reads more. It lags when its handler is slow, and
-// never drops anything or holds more than a page. NOTIFY only wakes it up
+// for each before it reads more (while it delivers a page it reads the
+// next). It lags when its handler is slow, and never drops anything or
+// holds more than two pages. NOTIFY only wakes it up
 // early: it also looks every logPollInterval, so a lost wake-up costs
 // latency, never an event, and a lost LISTEN connection costs nothing.
 

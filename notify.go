@@ -370,7 +370,13 @@ type Subscription struct {
 // Each subscription has its own goroutine and a bounded queue, so a slow
 // handler delays only itself; if its queue overflows it receives a Resync in
 // place of what was dropped. A handler that panics is recovered, the panic
-// logged, and the subscription goes on.
+// logged, and the subscription goes on. ctx bounds only the setup; Close ends
+// the subscription.
+//
+// On a schema with a change log (see WithChangeLog), the subscription reads
+// the log instead, from its end or from After(cursor): it lags behind a slow
+// handler and never overflows, and its events carry Value, Cursor and
+// Offset. Resync then means only what its Reason says.
 func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters ...Filter) (*Subscription, error) {
 	if handler == nil {
 		return nil, errors.New("pgstore: Subscribe: handler is nil")
