@@ -7,7 +7,9 @@
 // buffered, coalesced per key and flushed in batches; every write reports when
 // it is durable or why it failed, and reads see buffered writes. Triggers
 // publish each change with NOTIFY, and Subscribe delivers them to handlers
-// through one shared LISTEN connection.
+// through one shared LISTEN connection; with WithChangeLog, the triggers
+// append each change with its value to a durable log in the schema instead,
+// which subscriptions read from a cursor.
 package pgstore
 
 import (
