@@ -24,9 +24,23 @@ import (
 // Reading the log.
 const (
 	logPageEntries  = 500
+	logFirstPage    = 64      // entries, before the values' size is known
 	logPageBytes    = 8 << 20 // a page stops at the entry that crosses it
 	logPollInterval = time.Second
 )
+
+// nextLimit is the entries the next page asks for, after a page of this
+// size was asked for with limit.
+func nextLimit(page []logEntry, limit int) int {
+	if len(page) == 0 {
+		return limit
+	}
+	bytes := 0
+	for _, e := range page {
+		bytes += len(e.value) + len(e.id) + 64
+	}
+	return min(max(logPageBytes/max(bytes/len(page), 1), 1), logPageEntries)
+}
 
 // After makes a subscription on a schema with a change log start after the
 // given cursor (an Event's Cursor, saved by a process before it stopped, or
@@ -98,6 +112,10 @@ func (s *Subscription) follow(logID string, pos int64) {
 	var ahead chan pageRead
 	var aheadFrom int64
 	gone := false // the log was found removed, and the Resync delivered
+	// How many entries a page asks for: as many as fit logPageBytes at the
+	// size of the last page's values, so that a log of large values is not
+	// sent 500 at a time only to be cut at the client.
+	limit := logFirstPage
 	defer func() {
 		if ahead != nil {
 			<-ahead // ended by stop, which cancels the reads
@@ -112,7 +130,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 			if ahead != nil {
 				<-ahead
 			}
-			r = s.read(pos)
+			r = s.read(pos, limit)
 		}
 		ahead = nil
 		page, head, err := r.page, r.head, r.err
@@ -153,10 +171,11 @@ func (s *Subscription) follow(logID string, pos int64) {
 			continue
 		}
 		wait.Reset()
+		limit = nextLimit(page, limit)
 		if n := len(page); n > 0 && page[n-1].position < head.position {
 			aheadFrom = page[n-1].position
 			ahead = make(chan pageRead, 1)
-			go func(from int64) { ahead <- s.read(from) }(aheadFrom)
+			go func(from int64, limit int) { ahead <- s.read(from, limit) }(aheadFrom, limit)
 		}
 		for _, e := range page {
 			ev := e.event(s.cfg.schema, logID)
@@ -187,8 +206,8 @@ type pageRead struct {
 	err  error
 }
 
-func (s *Subscription) read(pos int64) pageRead {
-	page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos)
+func (s *Subscription) read(pos int64, limit int) pageRead {
+	page, head, err := s.c.readLog(s.readCtx, s.cfg.schema, pos, limit)
 	return pageRead{page, head, err}
 }
 
@@ -210,14 +229,14 @@ func (s *Subscription) wants(e Event) bool {
 
 // readLog reads a page of the entries after pos, with the head, in one
 // round trip: two statements, so that neither is planned as a join.
-func (c *Connector) readLog(ctx context.Context, schema string, pos int64) ([]logEntry, logHeadRow, error) {
+func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit int) ([]logEntry, logHeadRow, error) {
 	var head logHeadRow
 	var page []logEntry
 	var pb pgx.Batch
 	pb.Queue(readHeadSQL(schema)).QueryRow(func(row pgx.Row) error {
 		return row.Scan(&head.log, &head.position, &head.dropped)
 	})
-	pb.Queue(readPageSQL(schema), pos, logPageEntries).Query(func(rows pgx.Rows) error {
+	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
 		bytes := 0
 		for rows.Next() {
 			var e logEntry

@@ -81,3 +81,16 @@ func TestAPageOfTheLogIsPlannedAsAFewHundredRows(t *testing.T) {
 	require.NoError(t, c.pool.QueryRow(ctx, "EXPLAIN (FORMAT JSON) "+readPageSQL(schema), 0, logPageEntries).Scan(&plan))
 	require.LessOrEqual(t, plan[0].Plan.Rows, float64(logPageEntries))
 }
+
+// A page asks for as many entries as fit its byte bound at the size of the
+// last page's values: a log of large values is not sent 500 entries at a
+// time only to be cut at the client.
+func TestAPageAsksForWhatFitsItsByteBound(t *testing.T) {
+	small := []logEntry{{id: "k", value: make([]byte, 200)}}
+	require.Equal(t, logPageEntries, nextLimit(small, logFirstPage))
+	large := []logEntry{{id: "k", value: make([]byte, 1<<20)}, {id: "k", value: make([]byte, 1<<20)}}
+	require.Equal(t, 7, nextLimit(large, logPageEntries))
+	huge := []logEntry{{id: "k", value: make([]byte, 16<<20)}}
+	require.Equal(t, 1, nextLimit(huge, logPageEntries))
+	require.Equal(t, 33, nextLimit(nil, 33), "an empty page says nothing of sizes")
+}
