@@ -593,9 +593,10 @@ func TestChangeLogFaultKilledListenersCostNoEventAndNoResync(t *testing.T) {
 	sentinel(t, ctx, conns[1], "b/sentinel", all1, onlyB, all2)
 }
 
-// 4. A handler that takes a millisecond an event lags behind 20,000 writes
-// of 8 KiB values (160 MiB in all) in bounded memory: the backlog stays in
-// the log, and the subscription catches up with every event, in order.
+// 4. A handler held back until 20,000 writes of 8 KiB values (160 MiB in
+// all) are done, then slow (0.1 ms an event), lags in bounded memory: the
+// backlog stays in the log, and the subscription catches up with every
+// event, in order.
 //
 // Not parallel: the heap measured is the process's, and a sequential test
 // runs alone (the parallel ones wait for it).
@@ -605,10 +606,18 @@ func TestChangeLogFaultASlowHandlerLagsInBoundedMemoryAndCatchesUp(t *testing.T)
 	// is the feed's doing.
 	c := connect(t, pgstore.WithChangeLog(time.Hour), pgstore.WithBufferLimit(8<<20))
 	got := newFaultRecorder()
-	got.delay = time.Millisecond
-	sub, err := c.Subscribe(ctx, got.handle)
+	got.delay = 100 * time.Microsecond
+	// The handler is held until the writes are done, so that it lags
+	// however fast this machine writes: the first event waits at the gate.
+	gate := make(chan struct{})
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) {
+		<-gate
+		got.handle(e)
+	})
 	require.NoError(t, err)
 	defer sub.Close()
+	var opened sync.Once
+	defer opened.Do(func() { close(gate) })
 
 	// The peak of the heap, sampled while the test runs.
 	var peak atomic.Uint64
@@ -649,6 +658,7 @@ func TestChangeLogFaultASlowHandlerLagsInBoundedMemoryAndCatchesUp(t *testing.T)
 	t.Logf("writes done: %d events (%d MiB of values) not yet delivered; live heap %d MiB", backlog, backlog*8>>10, ms.HeapAlloc>>20)
 	require.Greater(t, backlog, 2000, "the handler lags: more than 2,000 events (16 MiB of values) wait")
 	require.Less(t, ms.HeapAlloc, uint64(backlog*len(value)), "the backlog waits in the log, not in memory: the live heap is smaller than it")
+	opened.Do(func() { close(gate) })
 
 	events := got.waitFor(t, ctx, n+1)
 	requireConsecutive(t, events, 0, "feed")

@@ -160,10 +160,15 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err := pool.Ping(ctx); err != nil {
 		return nil, fmt.Errorf("pgstore: connect: %w", err)
 	}
-	state, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog)
+	var chosen *eventSet
+	if cfg.eventsChosen {
+		chosen = &cfg.events
+	}
+	state, events, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog, chosen, cfg.events)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
 	}
+	cfg.events = events // the schema's, as WithEvents last recorded them
 	if cfg.eventsChosen || cfg.changeLog > 0 {
 		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)

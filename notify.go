@@ -78,9 +78,11 @@ func (s eventSet) has(t EventType) bool { return s&(1<<t) != 0 }
 // nothing at write time, because its trigger is not installed; WithEvents()
 // with no types turns the change feed off. When this option is given, the
 // triggers of the schema's existing tables are brought in line as the
-// connector starts; without it, existing tables keep their triggers (so a
-// connector that only reads or subscribes changes nothing) and new tables
-// get all five.
+// connector starts, and the events are recorded in the schema. Connectors
+// without the option follow what the schema records (all five if it records
+// nothing) for the tables they create, and change no existing table's
+// triggers, so a connector that only reads or subscribes changes nothing.
+// Two connectors given different events take turns: the last to start wins.
 func WithEvents(types ...EventType) Option {
 	return func(c *config) error {
 		var set eventSet

@@ -53,6 +53,7 @@ func markerTablesSQL(schema string) []string {
 		"CREATE TABLE IF NOT EXISTS " + commits + " (token uuid PRIMARY KEY, claimed boolean NOT NULL DEFAULT false, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE TABLE IF NOT EXISTS " + refused + " (token uuid NOT NULL, tbl text NOT NULL, id text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"pgstore/refused_token"}.Sanitize() + " ON " + refused + " (token)",
+		"CREATE TABLE IF NOT EXISTS " + pgx.Identifier{schema, settingsTable}.Sanitize() + " (one boolean PRIMARY KEY DEFAULT true CHECK (one), events smallint)",
 	}
 }
 

@@ -192,12 +192,16 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 			return err
 		}
 		c.logged.Store(state != logNone)
-		for _, stmt := range createTableSQL(schema, name, c.cfg.events, state) {
+		events, err := schemaEvents(ctx, tx, schema, c.cfg.events)
+		if err != nil {
+			return err
+		}
+		for _, stmt := range createTableSQL(schema, name, events, state) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
 			}
 		}
-		if c.cfg.events.has(CreateTable) {
+		if events.has(CreateTable) {
 			return announceDDL(ctx, tx, schema, CreateTable, name)
 		}
 		return nil
@@ -221,8 +225,8 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 			return fmt.Errorf("create schema %q: %w", schema, err)
 		}
 	}
-	err = tx.QueryRow(ctx, "SELECT count(*) = 2 FROM pg_tables WHERE schemaname = $1 AND tablename IN ($2, $3)",
-		schema, commitsTable, refusedTable).Scan(&exists)
+	err = tx.QueryRow(ctx, "SELECT count(*) = 3 FROM pg_tables WHERE schemaname = $1 AND tablename IN ($2, $3, $4)",
+		schema, commitsTable, refusedTable, settingsTable).Scan(&exists)
 	if err != nil {
 		return err
 	}
@@ -247,7 +251,11 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 // prepareSchema runs setupSchema in its own transaction under the DDL lock,
 // and with a retention, prepareLog. It reports where the schema stands with
 // its change log.
-func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration) (state logState, err error) {
+//
+// With events, it records them as the schema's: the events that connectors
+// without WithEvents give the tables they create. It returns the schema's
+// events, or fallback where it records none.
+func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration, events *eventSet, fallback eventSet) (state logState, recorded eventSet, err error) {
 	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
@@ -260,7 +268,16 @@ func prepareSchema(ctx context.Context, db beginner, schema string, retention ti
 				return err
 			}
 		}
+		if events != nil {
+			if _, err := tx.Exec(ctx, "INSERT INTO "+pgx.Identifier{schema, settingsTable}.Sanitize()+
+				" AS s (one, events) VALUES (true, $1) ON CONFLICT (one) DO UPDATE SET events = excluded.events", int16(*events)); err != nil {
+				return err
+			}
+		}
 		if state, err = readLogState(ctx, tx, schema); err != nil {
+			return err
+		}
+		if recorded, err = schemaEvents(ctx, tx, schema, fallback); err != nil {
 			return err
 		}
 		for _, stmt := range sweepMarkersSQL(schema) {
@@ -270,11 +287,28 @@ func prepareSchema(ctx context.Context, db beginner, schema string, retention ti
 		}
 		return nil
 	})
-	return state, err
+	return state, recorded, err
 }
 
 type beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// settingsTable holds the schema's settings that connectors share: the
+// events that WithEvents last recorded.
+const settingsTable = "pgstore/settings"
+
+// schemaEvents returns the events the schema records, or else fallback.
+func schemaEvents(ctx context.Context, tx pgx.Tx, schema string, fallback eventSet) (eventSet, error) {
+	var events *int16
+	err := tx.QueryRow(ctx, "SELECT events FROM "+pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&events)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows) || isUndefinedTable(err) || err == nil && events == nil:
+		return fallback, nil
+	case err != nil:
+		return 0, err
+	}
+	return eventSet(*events), nil
 }
 
 // ErrSchemaNotFound is returned by DestroySchema for a schema that does not
@@ -393,7 +427,7 @@ func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: CreateSchema: refusing PostgreSQL's own schema %q", name)
 	}
-	if _, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog); err != nil {
+	if _, _, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog, nil, allEvents); err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
 	}
 	return nil
@@ -430,7 +464,11 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 		if err != nil {
 			return err
 		}
-		if c.cfg.events.has(DestroyTable) {
+		events, err := schemaEvents(ctx, tx, name, c.cfg.events)
+		if err != nil {
+			return err
+		}
+		if events.has(DestroyTable) {
 			for _, t := range tables {
 				if err := announceDDL(ctx, tx, name, DestroyTable, t.name); err != nil {
 					return err
@@ -475,7 +513,11 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 		if !exists {
 			return ErrTableNotFound
 		}
-		if c.cfg.events.has(DestroyTable) {
+		events, err := schemaEvents(ctx, tx, schema, c.cfg.events)
+		if err != nil {
+			return err
+		}
+		if events.has(DestroyTable) {
 			if err := announceDDL(ctx, tx, schema, DestroyTable, name); err != nil {
 				return err
 			}
