@@ -75,30 +75,40 @@ func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscri
 		}
 		pos = a.position
 	}
-	channel := logChannel(s.cfg.schema)
 	c.startListener()
-	c.subsMu.Lock()
-	if c.subs == nil { // closed meanwhile
-		c.subsMu.Unlock()
+	if !c.joinLog(s) {
 		return nil, ErrClosed
 	}
+	go func() {
+		defer close(s.done)
+		s.gid.Store(goid())
+		s.follow(head.log, pos)
+	}()
+	if err := c.listener.Listen(ctx, s.channel); err != nil {
+		s.close(false)
+		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", s.channel, err)
+	}
+	return s, nil
+}
+
+// joinLog registers a subscription among those that follow its schema's
+// log, with the context of its reads, which stop cancels; it reports false
+// if the connector or the subscription was closed meanwhile.
+func (c *Connector) joinLog(s *Subscription) bool {
+	channel := logChannel(s.cfg.schema)
+	c.subsMu.Lock()
+	defer c.subsMu.Unlock()
+	if c.subs == nil || s.stopping {
+		return false
+	}
+	delete(c.subs[s.cfg.schema], s) // when it leaves the NOTIFY feed
 	if c.logSubs[channel] == nil {
 		c.logSubs[channel] = make(map[*Subscription]struct{})
 	}
 	c.logSubs[channel][s] = struct{}{}
 	s.channel = channel
 	s.readCtx, s.cancelRead = context.WithCancel(context.Background())
-	c.subsMu.Unlock()
-	go func() {
-		defer close(s.done)
-		s.gid.Store(goid())
-		s.follow(head.log, pos)
-	}()
-	if err := c.listener.Listen(ctx, channel); err != nil {
-		s.close(false)
-		return nil, fmt.Errorf("pgstore: Subscribe: listen on %q: %w", channel, err)
-	}
-	return s, nil
+	return true
 }
 
 // follow reads the log after pos and delivers it, until the subscription
@@ -308,43 +318,29 @@ func (c *Connector) logStarted(schema string) {
 // switchToLog makes a subscription of the NOTIFY feed follow the schema's
 // log, on its own goroutine: it reads the log's end, delivers a Resync (the
 // handler re-reads what it holds), then follows the log from that end, so
-// nothing is missed. It reports whether the subscription goes on.
-func (s *Subscription) switchToLog() bool {
+// nothing is missed, until the subscription stops.
+func (s *Subscription) switchToLog() {
 	c, schema := s.c, s.cfg.schema
-	channel := logChannel(schema)
-	ctx, cancel := context.WithCancel(context.Background())
-	c.subsMu.Lock()
-	if c.subs == nil || s.stopping {
-		c.subsMu.Unlock()
-		cancel()
-		return false
-	}
 	// From here on, stop finds the subscription among the log's and
 	// cancels its reads.
-	delete(c.subs[schema], s)
-	if c.logSubs[channel] == nil {
-		c.logSubs[channel] = make(map[*Subscription]struct{})
+	if !c.joinLog(s) {
+		return
 	}
-	c.logSubs[channel][s] = struct{}{}
-	s.channel, s.readCtx, s.cancelRead = channel, ctx, cancel
-	c.subsMu.Unlock()
-	head, err := readHead(ctx, c.pool, schema)
+	head, err := readHead(s.readCtx, c.pool, schema)
 	for err != nil {
 		c.cfg.logger.Warn("pgstore: cannot read the change log to switch a subscription to it; retrying", "schema", schema, "err", err)
 		if !s.sleep(time.Second) {
-			return false
+			return
 		}
-		head, err = readHead(ctx, c.pool, schema)
+		head, err = readHead(s.readCtx, c.pool, schema)
 	}
-	if err := c.listener.Listen(ctx, channel); err != nil {
-		return false // stopped
+	if err := c.listener.Listen(s.readCtx, s.channel); err != nil {
+		return // stopped
 	}
 	c.listener.Unlisten(schema)
-	if !s.call(Event{Type: Resync, Schema: schema, Reason: ErrLogStarted, Cursor: cursor{log: head.log, position: head.position}.String()}) {
-		return false
+	if s.call(Event{Type: Resync, Schema: schema, Reason: ErrLogStarted, Cursor: cursor{log: head.log, position: head.position}.String()}) {
+		s.follow(head.log, head.position)
 	}
-	s.follow(head.log, head.position)
-	return false
 }
 
 // logLags returns how many entries each subscription following the log of

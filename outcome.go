@@ -71,8 +71,7 @@ func sweepMarkersSQL(schema string) []string {
 // sqlSink is the Connector as the write buffer's Sink. The buffer calls it
 // from one goroutine.
 type sqlSink struct {
-	c     *Connector
-	token string // of the attempt being made
+	c *Connector
 	// lost is the attempt whose answer was lost, until Resolve settles it.
 	lost *lostAttempt
 	// abandoned are attempts whose outcome nobody waits for any more (the

@@ -129,8 +129,7 @@ func (s *sqlSink) Write(ctx context.Context, b *writebuf.Batch) (writebuf.Failur
 	if len(tables) == 0 {
 		return 0, nil
 	}
-	s.token = newToken()
-	token := s.token
+	token := newToken()
 	var (
 		sent bool    // the commit may have reached the server
 		be   backend // the server process the attempt ran on, if known
@@ -362,7 +361,7 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 		for _, tb := range tables {
 			failWrites(tb.sets, nil)
 			failWrites(tb.deletes, nil)
-			err := s.applyIsolated(ctx, tx, tb)
+			err := s.applyIsolated(ctx, tx, tb, token)
 			if err == nil {
 				continue
 			}
@@ -378,10 +377,10 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 			// What the rolled-back savepoint marked is void.
 			failWrites(tb.sets, nil)
 			failWrites(tb.deletes, nil)
-			if err := s.bisect(ctx, tx, tb, tb.sets, true); err != nil {
+			if err := s.bisect(ctx, tx, tb, tb.sets, true, token); err != nil {
 				return err
 			}
-			if err := s.bisect(ctx, tx, tb, tb.deletes, false); err != nil {
+			if err := s.bisect(ctx, tx, tb, tb.deletes, false, token); err != nil {
 				return err
 			}
 		}
@@ -397,7 +396,7 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 }
 
 // applyIsolated runs a table's statements inside a savepoint.
-func (s *sqlSink) applyIsolated(ctx context.Context, tx pgx.Tx, tb *tableBatch) error {
+func (s *sqlSink) applyIsolated(ctx context.Context, tx pgx.Tx, tb *tableBatch, token string) error {
 	return pgx.BeginFunc(ctx, tx, func(sp pgx.Tx) error {
 		if len(tb.sets) > 0 && len(tb.deletes) > 0 {
 			all := append(writeIDs(tb.sets), writeIDs(tb.deletes)...)
@@ -406,16 +405,16 @@ func (s *sqlSink) applyIsolated(ctx context.Context, tx pgx.Tx, tb *tableBatch) 
 				return err
 			}
 		}
-		if err := s.apply(ctx, sp, tb, tb.sets, true); err != nil {
+		if err := s.apply(ctx, sp, tb, tb.sets, true, token); err != nil {
 			return err
 		}
-		return s.apply(ctx, sp, tb, tb.deletes, false)
+		return s.apply(ctx, sp, tb, tb.deletes, false, token)
 	})
 }
 
 // apply runs the upsert of sets, or the delete of deletes, and records what
 // the version guard refused.
-func (s *sqlSink) apply(ctx context.Context, q pgx.Tx, tb *tableBatch, ws []*writebuf.Write, sets bool) error {
+func (s *sqlSink) apply(ctx context.Context, q pgx.Tx, tb *tableBatch, ws []*writebuf.Write, sets bool, token string) error {
 	if len(ws) == 0 {
 		return nil
 	}
@@ -431,7 +430,7 @@ func (s *sqlSink) apply(ctx context.Context, q pgx.Tx, tb *tableBatch, ws []*wri
 	// The refused ids are recorded under the token only by the batch's
 	// own statement; here they are all in one transaction, so the marker
 	// and the refused rows commit together.
-	rows, err := q.Query(ctx, tb.t.upsertSQL, ids, versions, values, s.token, tb.t.name)
+	rows, err := q.Query(ctx, tb.t.upsertSQL, ids, versions, values, token, tb.t.name)
 	if err != nil {
 		return err
 	}
@@ -445,11 +444,11 @@ func (s *sqlSink) apply(ctx context.Context, q pgx.Tx, tb *tableBatch, ws []*wri
 
 // bisect writes records in savepoints, halving them on every refusal, and
 // records the error of each single record the server refuses.
-func (s *sqlSink) bisect(ctx context.Context, tx pgx.Tx, tb *tableBatch, ws []*writebuf.Write, sets bool) error {
+func (s *sqlSink) bisect(ctx context.Context, tx pgx.Tx, tb *tableBatch, ws []*writebuf.Write, sets bool, token string) error {
 	if len(ws) == 0 {
 		return nil
 	}
-	err := pgx.BeginFunc(ctx, tx, func(sp pgx.Tx) error { return s.apply(ctx, sp, tb, ws, sets) })
+	err := pgx.BeginFunc(ctx, tx, func(sp pgx.Tx) error { return s.apply(ctx, sp, tb, ws, sets, token) })
 	if err == nil {
 		return nil
 	}
@@ -461,10 +460,10 @@ func (s *sqlSink) bisect(ctx context.Context, tx pgx.Tx, tb *tableBatch, ws []*w
 		return nil
 	}
 	h := len(ws) / 2
-	if err := s.bisect(ctx, tx, tb, ws[:h], sets); err != nil {
+	if err := s.bisect(ctx, tx, tb, ws[:h], sets, token); err != nil {
 		return err
 	}
-	return s.bisect(ctx, tx, tb, ws[h:], sets)
+	return s.bisect(ctx, tx, tb, ws[h:], sets, token)
 }
 
 func versionConflict(table, id string, version int64) error {
