@@ -33,7 +33,8 @@ import (
 // which one takes the appends. Retention rotates them: every half
 // retention, the oldest partition is emptied with TRUNCATE (no DELETE per
 // row) and takes the appends from then on. An entry is so kept for at
-// least the retention and at most twice it, plus the janitor's interval.
+// least one and a half times the retention, and dropped after about twice it
+// while a connector runs (a partition in use puts it off to the next look).
 
 // Names of the log's tables in the schema; a record table's name never holds
 // a "/".
@@ -265,9 +266,9 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, retention time.Du
 
 // WithChangeLog turns the schema's change log on: the durable change feed,
 // from which subscriptions read at their own pace and resume from a cursor
-// (see Subscribe and After). Entries are kept for at least retention and at
-// most twice it. The log is a setting of the schema, not of the connector:
-// once on, every connector on the schema writes to it and reads from it,
+// (see Subscribe and After). Entries are kept for at least one and a half
+// times retention, and dropped after about twice it while a connector runs.
+// The log is a setting of the schema, not of the connector: once on, every connector on the schema writes to it and reads from it,
 // with this option or without; a connector given the option records its
 // retention. retention must be at least a minute.
 func WithChangeLog(retention time.Duration) Option {
