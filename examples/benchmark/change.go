@@ -137,7 +137,7 @@ func (e *env) pgstoreChangeSide(ctx context.Context, logged bool) (*changeSide, 
 	const table, id = "chg", "k"
 	schema, name, opts := e.schema, "pgstore", []pgstore.Option(nil)
 	if logged {
-		schema, name, opts = e.logged, "pgstore-log", []pgstore.Option{pgstore.WithChangeLog(time.Hour)}
+		schema, name, opts = e.logged, "pgstore-log", []pgstore.Option{pgstore.WithChangeLog(logRetention)}
 	}
 	c, err := e.connect(ctx, schema, opts...)
 	if err != nil {

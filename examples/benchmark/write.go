@@ -244,7 +244,7 @@ func (e *env) writeFigure(ctx context.Context, d *dataset, feed string) error {
 	case "nofeed":
 		schema, opts = e.noFeed, []pgstore.Option{pgstore.WithEvents()}
 	case "log":
-		schema, opts = e.logged, []pgstore.Option{pgstore.WithChangeLog(time.Hour)}
+		schema, opts = e.logged, []pgstore.Option{pgstore.WithChangeLog(logRetention)}
 	}
 	c, err := e.connectLabelled(ctx, figure, schema, opts...)
 	if err != nil {

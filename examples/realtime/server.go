@@ -366,25 +366,23 @@ func (s *Server) push(key string, known *state) {
 		return
 	}
 	var st state
-	var err error
-	var rec pgstore.Record
-	if known == nil {
-		ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
-		rec, err = s.storage.Get(ctx, key)
-		cancel()
-	}
-	switch {
-	case known != nil:
+	if known != nil {
 		st = *known
-	case err == nil:
-		st = state{version: rec.Version, value: rec.Value}
-	case errors.Is(err, pgstore.ErrNotFound):
-		st = state{deleted: true}
-	default:
-		if s.ctx.Err() == nil {
-			s.log.Warn("cannot read a changed record; its subscribers get it with its next change", "key", key, "err", err)
+	} else {
+		ctx, cancel := context.WithTimeout(s.ctx, opTimeout)
+		rec, err := s.storage.Get(ctx, key)
+		cancel()
+		switch {
+		case err == nil:
+			st = state{version: rec.Version, value: rec.Value}
+		case errors.Is(err, pgstore.ErrNotFound):
+			st = state{deleted: true}
+		default:
+			if s.ctx.Err() == nil {
+				s.log.Warn("cannot read a changed record; its subscribers get it with its next change", "key", key, "err", err)
+			}
+			return
 		}
-		return
 	}
 	var msg []byte
 	if st.deleted {
