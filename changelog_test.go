@@ -185,13 +185,7 @@ func TestCheckReportsTheLogAndASessionThatHoldsItsHead(t *testing.T) {
 		t.Helper()
 		report, err := c.Check(ctx)
 		require.NoError(t, err)
-		for _, item := range report.Checks {
-			if item.Name == "change log" {
-				return item
-			}
-		}
-		t.Fatal("no change log check")
-		return pgstore.CheckResult{}
+		return chkFind(t, report, "change log")
 	}
 	item := logItem()
 	require.True(t, item.OK, item.Detail)

@@ -491,8 +491,8 @@ func TestCheckTransactionPooler(t *testing.T) {
 // session, temporary tables included, after every transaction: each batch
 // creates the staging table it copies into.
 func TestLargeBatchesThroughATransactionPooler(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	bouncerURL := chkBouncer(t)
 	schema := pgtest.Schema(t)
 	c, counter := connectCounted(t, bouncerURL("test_transaction"), schema,

@@ -310,8 +310,8 @@ func TestTheLongestIDsAndTablesOfCharactersThatNeedEscapingAreWritten(t *testing
 // deepstream built its batch as one SQL string: an id with ' failed the
 // batch of every neighbour.
 func TestIDsWithQuotesShareABatchWithOtherIDs(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	ids := []string{"plain", "it's", `"quoted"`, "x'; DROP TABLE q; --", `back\slash`, "semi;colon", "also plain"}
 	// One batch: it goes out when its last id arrives.
 	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(len(ids)))

@@ -180,8 +180,8 @@ func TestTheVersionGuardRefusesNegativeVersions(t *testing.T) {
 // ---- Order of writes ----
 
 func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	t.Run("one after the other", func(t *testing.T) {
 		t.Parallel()
 		ctx := testCtx(t)
@@ -206,8 +206,8 @@ func TestTheLastWriteToAKeyWinsWhateverItsVersion(t *testing.T) {
 }
 
 func TestADeleteRightAfterASetDeletes(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	t.Run("group commit", func(t *testing.T) {
 		t.Parallel()
 		c, schema := connectNamed(t)
@@ -265,8 +265,8 @@ func TestDeletesFromAnotherNodesTableLookItUpOnce(t *testing.T) {
 }
 
 func TestASetRightAfterADeleteSets(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	stored := connectSchema(t, schema)
 	require.NoError(t, stored.Set(testCtx(t), "del/k", 1, "old"))
@@ -284,8 +284,8 @@ func TestASetRightAfterADeleteSets(t *testing.T) {
 }
 
 func TestGetSeesBufferedWrites(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour))
 
@@ -307,8 +307,8 @@ func TestGetSeesBufferedWrites(t *testing.T) {
 }
 
 func TestCloseFlushesEveryAcceptedWrite(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(64))
 	const n = 1000
@@ -403,8 +403,8 @@ func TestTheVersionGuardAcceptsAnEqualVersionAndRefusesAnOlderOne(t *testing.T) 
 }
 
 func TestTheVersionGuardRefusesAVersionOlderThanABufferedOneAtOnce(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	c := connectSchema(t, schema, pgstore.WithVersionGuard(true), pgstore.WithWriteInterval(time.Hour))
 	newer := c.SetAsync(ctx, "g/k", 5, "five")
@@ -453,8 +453,8 @@ func TestTheVersionGuardLetsARecordBeRecreatedAfterADelete(t *testing.T) {
 // ---- Batches and the buffer limit ----
 
 func TestAFullBatchIsFlushedWithoutWaitingForTheInterval(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	c, schema := connectNamed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(10))
 	var results []*pgstore.Result
 	for i := range 10 {
@@ -470,8 +470,8 @@ func TestAFullBatchIsFlushedWithoutWaitingForTheInterval(t *testing.T) {
 }
 
 func TestAThousandWritesInBatchesOfTenAreAllCommitted(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	c, schema := connectNamed(t, pgstore.WithMaxBatchSize(10))
 	var results []*pgstore.Result
 	for i := range 1000 {
@@ -529,8 +529,8 @@ func TestAFullBufferMakesWritersWaitAndIsFlushedEarly(t *testing.T) {
 }
 
 func TestASmallBufferWithGroupCommitTakesEveryWrite(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	c, schema := connectNamed(t, pgstore.WithBufferLimit(4096))
 	const n = 5000
 	results := make([]*pgstore.Result, 0, n)
@@ -591,8 +591,8 @@ func TestABadRecordFailsItsOwnWriteNotItsNeighbours(t *testing.T) {
 // ---- Volume ----
 
 func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	c, schema := connectNamed(t)
 	const n = 20_000
 	start := time.Now()
@@ -609,8 +609,8 @@ func TestTwentyThousandAsyncWritesFromOneGoroutineAreAllCommitted(t *testing.T) 
 
 // deepstream flushed concurrently, so an older value could land last.
 func TestFlushesInOrderSoAStaleValueNeverWins(t *testing.T) {
-	ctx := testCtx(t)
 	t.Parallel()
+	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	// Batches of one record: every write to the hot key is its own flush.
 	c := connectSchema(t, schema, pgstore.WithMaxBatchSize(1))
@@ -834,8 +834,9 @@ func TestATableRefusedForPrivilegeDoesNotStopCopying(t *testing.T) {
 // An emptied temporary table keeps its relfrozenxid, and autovacuum cannot
 // freeze another session's: the staging table of a long-lived connection
 // would hold back the freezing of the whole database. The connector gives
-// it a new file from time to time. Not parallel: a transaction of another
-// test left open across the renewal would age the new file too.
+// it a new file from time to time. The test looks at the file, not at how
+// new its relfrozenxid is, which any session's open transaction holds back:
+// so it can run beside the others.
 func TestTheStagingTableIsRenewedSoItDoesNotHoldBackFreezing(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
