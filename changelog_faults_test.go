@@ -235,21 +235,6 @@ func blockedBy(t *testing.T, pool *pgxpool.Pool, pid int32) []int32 {
 	return pids
 }
 
-// waitUntil polls cond, which asks the database or a channel, until it
-// holds.
-func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-ctx.Done():
-			t.Fatalf("waiting until %s: %v", what, ctx.Err())
-		}
-	}
-}
-
 // requireConsecutive asserts that the events are at positions from+1,
 // from+2, … without a gap, a repeat or a Resync.
 func requireConsecutive(t *testing.T, events []faultEvent, from int64, what string) {

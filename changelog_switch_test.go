@@ -86,10 +86,12 @@ func TestAChangeDuringTheSwitchReachesASubscriptionMadeMeanwhile(t *testing.T) {
 		connected <- err
 	}()
 	// The switch has given a the log's triggers and waits for b.
-	for waiting := 0; waiting == 0; time.Sleep(5 * time.Millisecond) {
+	waitUntil(t, ctx, "the switch waits for b", func() bool {
+		var waiting int
 		require.NoError(t, admin.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
 			WHERE wait_event_type = 'Lock' AND query LIKE '%TRIGGER%'||$1||'%'`, schema).Scan(&waiting))
-	}
+		return waiting > 0
+	})
 
 	got := newEventLog()
 	sub, err := reader.Subscribe(ctx, got.handle)

@@ -173,3 +173,18 @@ func jsonOf(t testing.TB, v any) string {
 	require.NoError(t, err)
 	return string(b)
 }
+
+// waitUntil polls cond, which asks the database or a channel, until it
+// holds.
+func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			t.Fatalf("waiting until %s: %v", what, ctx.Err())
+		}
+	}
+}

@@ -45,18 +45,10 @@ func connectThroughProxy(t *testing.T, opts ...pgstore.Option) (*pgstore.Connect
 // version.
 func waitForRow(t *testing.T, db *pgstore.Connector, schema, table, id string, version int64) {
 	t.Helper()
-	ctx := testCtx(t)
-	for {
+	waitUntil(t, testCtx(t), fmt.Sprintf("%s/%s reaches version %d on the server", table, id, version), func() bool {
 		v, _, found := storedRow(t, db, schema, table, id)
-		if found && v == version {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("%s/%s never reached version %d on the server", table, id, version)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+		return found && v == version
+	})
 }
 
 func TestABatchDelayedOnTheNetworkNeverOverwritesALaterWrite(t *testing.T) {
@@ -252,10 +244,12 @@ func TestCloseEndsABatchWhoseOutcomeItGaveUpOnSoItCannotCommitLater(t *testing.T
 	_, err = tx.Exec(ctx, "SELECT FROM "+ident(schema, "k")+" WHERE id = 'x' FOR UPDATE")
 	require.NoError(t, err)
 	r := c.SetAsync(ctx, "k/x", 2, "two")
-	for waiting := 0; waiting == 0; time.Sleep(2 * time.Millisecond) {
+	waitUntil(t, ctx, "the batch waits for the row", func() bool {
+		var waiting int
 		require.NoError(t, admin.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
 			WHERE wait_event_type = 'Lock' AND query LIKE '%'||$1||'%'`, schema).Scan(&waiting))
-	}
+		return waiting > 0
+	})
 
 	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()
