@@ -753,10 +753,5 @@ func TestConnectorsWithoutWithEventsFollowTheEventsTheSchemaRecords(t *testing.T
 	connectSchema(t, schema, pgstore.WithEvents(pgstore.Insert)) // records the schema's events
 	plain := connectSchema(t, schema)
 	require.NoError(t, plain.Set(ctx, "cars/bmw", 1, "bmw")) // a new table, by a connector without the option
-	rows, err := plain.Query(ctx, `SELECT tgname FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname LIKE 'pgstore%' ORDER BY tgname`,
-		ident(schema, "cars"))
-	require.NoError(t, err)
-	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	require.NoError(t, err)
-	require.Equal(t, []string{"pgstore_insert"}, names)
+	require.Equal(t, []string{"pgstore_insert"}, tableTriggers(t, pgtest.Pool(t), schema, "cars"))
 }
