@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
@@ -1097,4 +1098,38 @@ func TestChangeLogFaultARawUpdateDoesNotDeadlockWithAConnectorsBatch(t *testing.
 		"which took the log's head before the row, while the raw statement's trigger takes it after")
 	events := got.waitFor(t, ctx, 2)
 	require.Equal(t, []int64{2, 3}, []int64{events[0].version, events[1].version})
+}
+
+// pgstore's batches tell the head-lock trigger that they hold the head (see
+// lockHeadSQL), so that it is not called twice per statement; a raw writer
+// whose transaction names another schema there still takes this one's.
+func TestChangeLogFaultARawWriteTakesTheHeadUnlessItHoldsThisSchemasHead(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c, schema := connectNamed(t, pgstore.WithChangeLog(time.Hour))
+	require.NoError(t, c.Set(ctx, "t/k", 1, "first"))
+	pool := pgtest.Pool(t)
+	headFree := func() bool {
+		_, err := pool.Exec(ctx, "SELECT FROM "+ident(schema, "pgstore/log")+" FOR UPDATE NOWAIT")
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+			return false
+		}
+		require.NoError(t, err)
+		return true
+	}
+	for _, flag := range []string{"", "another schema", schema + "x"} {
+		tx, err := pool.Begin(ctx)
+		require.NoError(t, err)
+		defer tx.Rollback(ctx) // on a failure, before the schema is dropped
+		if flag != "" {
+			_, err = tx.Exec(ctx, "SELECT set_config('pgstore.head_locked', $1, true)", flag)
+			require.NoError(t, err)
+		}
+		_, err = tx.Exec(ctx, "UPDATE "+ident(schema, "t")+` SET val = '"raw"' WHERE false`)
+		require.NoError(t, err)
+		require.False(t, headFree(), "a raw statement that changed no row, in a transaction whose flag is %q, left the head unlocked", flag)
+		require.NoError(t, tx.Rollback(ctx))
+	}
+	require.True(t, headFree())
 }
