@@ -48,6 +48,7 @@ var figureDefs = []figureDef{
 	{"change_log_p99", "change latency p99, change log", "µs", latency, "none", 0},
 	{"replay", "replay, subscription far behind the log", "ev/s", throughput, "ratio ≥ 0.8", 0.8},
 	{"fanout", "write, 16 subscribers / 1, change log", "rec/s", throughput, "ratio ≥ 0.9", 0.9},
+	{"fanout_raw", "write, 16 subscribers, pgstore / raw readers", "rec/s", throughput, "none", 0},
 	{"peak_heap_mb", "peak heap, SetAsync run", "MB", heap, fmt.Sprintf("< %d MB", heapTargetMB), 1},
 }
 
