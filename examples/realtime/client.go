@@ -34,6 +34,7 @@ type client struct {
 	ctx    context.Context // ends with the connection
 	cancel context.CancelCauseFunc
 	out    chan []byte
+	rate   rate // of the messages received; used by the reading goroutine only
 
 	// Subscriptions; guarded by s.mu.
 	keys   map[string]bool
@@ -51,6 +52,7 @@ func newClient(s *Server, conn *websocket.Conn) *client {
 		ctx:    ctx,
 		cancel: cancel,
 		out:    make(chan []byte, sendQueue),
+		rate:   newRate(s.limits.MessagesPerSecond, time.Now()),
 		keys:   make(map[string]bool),
 		tables: make(map[string]bool),
 		held:   make(map[string]state),
@@ -71,11 +73,7 @@ func (c *client) serve() {
 			c.cancel(fmt.Errorf("%w: %w", errDisconnected, err))
 			break
 		}
-		if typ != websocket.MessageText {
-			c.replyError(nil, errorf(codeBadMessage, "send JSON in text messages"))
-			continue
-		}
-		c.handle(data)
+		c.handle(typ, data)
 	}
 	<-written
 }
@@ -184,7 +182,14 @@ func (c *client) forget(match func(key string) bool) {
 }
 
 // handle answers one message.
-func (c *client) handle(data []byte) {
+func (c *client) handle(typ websocket.MessageType, data []byte) {
+	// Every message counts, whatever it holds: answering bad ones costs
+	// the node too.
+	allowed := c.rate.allow(time.Now())
+	if typ != websocket.MessageText {
+		c.replyError(nil, errorf(codeBadMessage, "send JSON in text messages"))
+		return
+	}
 	var req request
 	if err := json.Unmarshal(data, &req); err != nil {
 		var typeErr *json.UnmarshalTypeError
@@ -198,6 +203,10 @@ func (c *client) handle(data []byte) {
 	if err := checkID(req.ID); err != nil {
 		req.ID = nil
 		c.replyError(&req, err)
+		return
+	}
+	if !allowed {
+		c.replyError(&req, errorf(codeRateLimited, "over the limit of %d messages a second: not handled; send it again later", c.s.limits.MessagesPerSecond))
 		return
 	}
 	var err error
@@ -277,8 +286,8 @@ func (c *client) set(req *request) error {
 		return errorf(codeBadMessage, "version must be at least 1")
 	case len(req.Value) == 0 || string(req.Value) == "null":
 		return errorf(codeBadValue, "set needs a value other than null (to remove a record, delete it)")
-	case len(req.Value) > maxValueBytes:
-		return errorf(codeTooLarge, "value is %d bytes, over the limit of %d", len(req.Value), maxValueBytes)
+	case len(req.Value) > c.s.limits.MaxValueBytes:
+		return errorf(codeTooLarge, "value is %d bytes, over the limit of %d", len(req.Value), c.s.limits.MaxValueBytes)
 	}
 	version := *req.Version
 	lock := c.s.setLock(req.Key)
@@ -366,4 +375,32 @@ func (c *client) list(req *request) error {
 	}
 	c.reply(r)
 	return nil
+}
+
+// A rate is a token bucket: perSecond messages a second, in bursts of up to
+// a second's worth. A message refused costs nothing, so that a client that
+// keeps sending still gets perSecond through.
+type rate struct {
+	perSecond float64 // 0: no limit
+	tokens    float64
+	last      time.Time
+}
+
+func newRate(perSecond int, now time.Time) rate {
+	return rate{perSecond: float64(perSecond), tokens: float64(perSecond), last: now}
+}
+
+// allow reports whether a message received at now is within the rate, and
+// counts it if so.
+func (r *rate) allow(now time.Time) bool {
+	if r.perSecond <= 0 {
+		return true
+	}
+	r.tokens = min(r.perSecond, r.tokens+now.Sub(r.last).Seconds()*r.perSecond)
+	r.last = now
+	if r.tokens < 1 {
+		return false
+	}
+	r.tokens--
+	return true
 }

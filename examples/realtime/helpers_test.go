@@ -43,6 +43,12 @@ type node struct {
 // test ends.
 func startNode(t testing.TB, schema string, opts ...pgstore.Option) *node {
 	t.Helper()
+	return startNodeLimits(t, schema, Limits{}, opts...)
+}
+
+// startNodeLimits is startNode with limits for its clients.
+func startNodeLimits(t testing.TB, schema string, limits Limits, opts ...pgstore.Option) *node {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -70,7 +76,7 @@ func startNode(t testing.TB, schema string, opts ...pgstore.Option) *node {
 			t.Errorf("close store: %v", err)
 		}
 	})
-	srv := NewServer(PGStore{store}, logger)
+	srv := NewServer(PGStore{store}, limits, logger)
 	t.Cleanup(func() { srv.Close() })
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
@@ -243,6 +249,21 @@ func (c *wsClient) closed() error {
 		case <-timer.C:
 			c.t.Fatalf("connection still open after %v", waitTimeout)
 		}
+	}
+}
+
+// sendTooBig sends a message over the server's read limit and checks that it
+// ends the connection. The server may close it before the whole message is
+// written, and the client library then reports the reset rather than the
+// status, so a status, when there is one, must be 1009 (message too big).
+func (c *wsClient) sendTooBig(data string) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	writeErr := c.conn.Write(ctx, websocket.MessageText, []byte(data))
+	err := c.closed()
+	if status := websocket.CloseStatus(err); err == nil || status != -1 && status != websocket.StatusMessageTooBig {
+		c.t.Fatalf("connection ended with %v (write: %v), want status 1009", err, writeErr)
 	}
 }
 

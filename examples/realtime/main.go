@@ -6,11 +6,11 @@
 //	go run ./examples/realtime -addr :8080 &
 //	go run ./examples/realtime -addr :8081
 //
-// See README.md for the protocol.
+// Its settings are flags, each with an environment variable that stands in
+// for it; see README.md for them and for the protocol.
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -23,22 +23,21 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pgstore/pgstore"
 )
 
-const defaultURL = "postgres://postgres@127.0.0.1:5432/test"
-
 func main() {
-	addr := flag.String("addr", ":8080", "`address` to serve HTTP and WebSocket clients on")
-	url := flag.String("url", "", "PostgreSQL connection `string` (default $DATABASE_URL, else "+defaultURL+")")
-	schema := flag.String("schema", "realtime", "PostgreSQL `schema` that holds the records")
-	retention := flag.Duration("retention", 24*time.Hour, "how long the schema's change log keeps changes (0: no log, the NOTIFY feed)")
-	flag.Parse()
-	*url = cmp.Or(*url, os.Getenv("DATABASE_URL"), defaultURL)
+	s, err := parseSettings(flag.CommandLine, os.Args[1:], os.LookupEnv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "realtime:", err)
+		os.Exit(2)
+	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *addr, *url, *schema, *retention, logger); err != nil {
+	if err := run(ctx, s, logger); err != nil {
 		logger.Error("realtime: " + err.Error())
 		os.Exit(1)
 	}
@@ -46,23 +45,29 @@ func main() {
 
 // run serves until ctx ends, then closes the connections and flushes the
 // store.
-func run(ctx context.Context, addr, url, schema string, retention time.Duration, logger *slog.Logger) error {
+func run(ctx context.Context, s *settings, logger *slog.Logger) error {
 	connectCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	opts := []pgstore.Option{
-		pgstore.WithSchema(schema),
+		pgstore.WithSchema(s.schema),
 		pgstore.WithVersionGuard(true), // a stale write racing in from another node is refused
 		pgstore.WithLogger(logger),
 	}
-	if retention > 0 {
+	if s.retention > 0 {
 		// Events carry their values, and a lost LISTEN connection or a
 		// slow node costs no re-read of everything.
-		opts = append(opts, pgstore.WithChangeLog(retention))
+		opts = append(opts, pgstore.WithChangeLog(s.retention))
 	}
-	store, err := pgstore.Connect(connectCtx, url, opts...)
-	cancel()
+	pool, err := pgxpool.NewWithConfig(connectCtx, s.pool)
 	if err != nil {
 		return err
 	}
+	defer pool.Close() // after the store's Close, which flushes through it
+	store, err := pgstore.New(connectCtx, pool, opts...)
+	if err != nil {
+		return err
+	}
+	cancel()
 	defer func() {
 		closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -71,16 +76,16 @@ func run(ctx context.Context, addr, url, schema string, retention time.Duration,
 		}
 	}()
 
-	srv := NewServer(PGStore{store}, logger)
+	srv := NewServer(PGStore{store}, s.limits, logger)
 	defer srv.Close()
-	ln, err := net.Listen("tcp", addr)
+	ln, err := net.Listen("tcp", s.addr)
 	if err != nil {
 		return err
 	}
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }()
-	logger.Info("serving", "page", fmt.Sprintf("http://%s/", displayAddr(ln.Addr())), "schema", schema)
+	logger.Info("serving", "page", fmt.Sprintf("http://%s/", displayAddr(ln.Addr())), "schema", s.schema)
 
 	select {
 	case err := <-served:

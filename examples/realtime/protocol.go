@@ -10,18 +10,49 @@ import (
 	"github.com/pgstore/pgstore"
 )
 
-// Limits of the protocol. A message larger than readLimit closes the
-// connection (WebSocket status 1009); a value over maxValueBytes in a smaller
-// message is refused with an error and the connection carries on.
+// Limits of the protocol. A message longer than the value limit plus
+// messageOverhead closes the connection (WebSocket status 1009); a value over
+// the limit in a shorter message is refused with an error and the connection
+// carries on.
 const (
-	maxValueBytes    = 64 << 10
-	readLimit        = maxValueBytes + 32<<10 // room for the key (escaped) and the other fields
-	maxIDBytes       = 128                    // of the client-chosen request id
-	maxTableBytes    = 63                     // PostgreSQL's identifier limit
-	maxSubscriptions = 10000                  // keys and tables, per connection
-	maxListRecords   = 1000                   // per "list" reply
-	maxListBytes     = 4 << 20                // of values, per "list" reply
+	defaultMaxValueBytes    = 64 << 10
+	maxValueBytesLimit      = maxListBytes // so that a list reply can hold any record
+	messageOverhead         = 32 << 10     // room for the key (escaped) and the other fields
+	maxIDBytes              = 128          // of the client-chosen request id
+	maxTableBytes           = 63           // PostgreSQL's identifier limit
+	defaultMaxSubscriptions = 10000        // keys and tables, per connection
+	maxListRecords          = 1000         // per "list" reply
+	maxListBytes            = 4 << 20      // of values, per "list" reply; pgstore's default value limit too
 )
+
+// Limits bound what one client may do. What goes beyond them is refused with
+// an error, and the connection carries on. A zero field means its default.
+type Limits struct {
+	// MaxValueBytes bounds the JSON text of a value a client sets
+	// (too_large). A message longer than it by more than 32 KiB ends the
+	// connection. Defaults to 64 KiB; more than 4 MiB is refused by
+	// pgstore's own limit (WithMaxValueBytes).
+	MaxValueBytes int
+	// MaxSubscriptions bounds the keys and tables one connection subscribes
+	// to (too_many). Defaults to 10,000.
+	MaxSubscriptions int
+	// MessagesPerSecond bounds the messages one connection sends, in bursts
+	// of up to a second's worth (rate_limited). Defaults to no limit.
+	MessagesPerSecond int
+}
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxValueBytes <= 0 {
+		l.MaxValueBytes = defaultMaxValueBytes
+	}
+	if l.MaxSubscriptions <= 0 {
+		l.MaxSubscriptions = defaultMaxSubscriptions
+	}
+	return l
+}
+
+// readLimit is the longest message a client may send.
+func (l Limits) readLimit() int64 { return int64(l.MaxValueBytes) + messageOverhead }
 
 // A request is a message from a client. Which fields matter depends on Type;
 // the rest are ignored.
@@ -79,9 +110,10 @@ const (
 	codeBadKey       = "bad_key"       // not "table/id", or beyond a limit
 	codeBadTable     = "bad_table"     // empty, holds "/", or beyond a limit
 	codeBadValue     = "bad_value"     // missing, or JSON that PostgreSQL's jsonb refuses
-	codeTooLarge     = "too_large"     // value over maxValueBytes
+	codeTooLarge     = "too_large"     // value over Limits.MaxValueBytes
 	codeStaleVersion = "stale_version" // version not above the stored one
-	codeTooMany      = "too_many"      // over maxSubscriptions
+	codeTooMany      = "too_many"      // over Limits.MaxSubscriptions
+	codeRateLimited  = "rate_limited"  // over Limits.MessagesPerSecond
 	codeUnavailable  = "unavailable"   // the storage failed or the server is closing
 )
 

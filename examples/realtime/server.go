@@ -35,6 +35,7 @@ const (
 // change of a subscribed record to its clients, whichever node made it.
 type Server struct {
 	storage Storage
+	limits  Limits
 	log     *slog.Logger
 	ctx     context.Context // ends with Close
 	cancel  context.CancelFunc
@@ -67,15 +68,17 @@ type job struct {
 	done chan struct{} // closed when pushed, if not nil
 }
 
-// NewServer returns a server that keeps its records in storage and logs to
-// logger (nil: slog.Default()). Close it to end every connection.
-func NewServer(storage Storage, logger *slog.Logger) *Server {
+// NewServer returns a server that keeps its records in storage, holds each
+// client to limits and logs to logger (nil: slog.Default()). Close it to end
+// every connection.
+func NewServer(storage Storage, limits Limits, logger *slog.Logger) *Server {
 	if logger == nil {
 		logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		storage: storage,
+		limits:  limits.withDefaults(),
 		log:     logger,
 		ctx:     ctx,
 		cancel:  cancel,
@@ -154,7 +157,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		s.log.Debug("websocket handshake failed", "remote", r.RemoteAddr, "err", err)
 		return
 	}
-	conn.SetReadLimit(readLimit)
+	conn.SetReadLimit(s.limits.readLimit())
 	c := newClient(s, conn)
 	s.mu.Lock()
 	s.clients[c] = struct{}{}
@@ -183,9 +186,9 @@ func (s *Server) subscribe(ctx context.Context, c *client, name string, table bo
 	if table {
 		set, index = c.tables, s.tables
 	}
-	if !set[name] && len(c.keys)+len(c.tables) >= maxSubscriptions {
+	if !set[name] && len(c.keys)+len(c.tables) >= s.limits.MaxSubscriptions {
 		s.mu.Unlock()
-		return errorf(codeTooMany, "a connection may hold at most %d subscriptions", maxSubscriptions)
+		return errorf(codeTooMany, "a connection may hold at most %d subscriptions; unsubscribe from one first", s.limits.MaxSubscriptions)
 	}
 	set[name] = true
 	if index[name] == nil {

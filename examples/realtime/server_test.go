@@ -236,7 +236,7 @@ func TestBadMessages(t *testing.T) {
 	n := startNode(t, pgtest.Schema(t))
 	c := dial(t, n.ws)
 	long := strings.Repeat("t", 64)
-	big := `"` + strings.Repeat("x", maxValueBytes) + `"`
+	big := `"` + strings.Repeat("x", defaultMaxValueBytes) + `"`
 	for _, tc := range []struct {
 		msg, code, id string
 	}{
@@ -285,10 +285,7 @@ func TestBadMessages(t *testing.T) {
 	}
 
 	// A message over the read limit ends that connection only.
-	c.sendRaw(`{"type": "set", "key": "a/b", "version": 1, "value": "` + strings.Repeat("x", readLimit) + `"}`)
-	if err := c.closed(); websocket.CloseStatus(err) != websocket.StatusMessageTooBig {
-		t.Fatalf("connection ended with %v, want status 1009", err)
-	}
+	c.sendTooBig(`{"type": "set", "key": "a/b", "version": 1, "value": "` + strings.Repeat("x", int(n.srv.limits.readLimit())) + `"}`)
 	dial(t, n.ws).requestOK(map[string]any{"type": "subscribe", "table": "a"})
 }
 
@@ -446,4 +443,93 @@ func TestWithTheChangeLogALostListenConnectionLosesNothing(t *testing.T) {
 	if m := r.awaitRecord("demo/a", 2); !sameJSON(t, m.Value, []byte(`"two"`)) {
 		t.Fatalf("pushed %s", m.Value)
 	}
+}
+
+func TestValueLimit(t *testing.T) {
+	t.Parallel()
+	n := startNodeLimits(t, pgtest.Schema(t), Limits{MaxValueBytes: 100})
+	c := dial(t, n.ws)
+	value := func(size int) string { return `"` + strings.Repeat("x", size-2) + `"` } // of size bytes of JSON
+	c.sendRaw(`{"type": "set", "id": "at", "key": "v/a", "version": 1, "value": ` + value(100) + `}`)
+	if m := c.next(); m.Type != "ok" {
+		t.Fatalf("value at the limit: got %v, want ok", m)
+	}
+	c.sendRaw(`{"type": "set", "id": "over", "key": "v/a", "version": 2, "value": ` + value(101) + `}`)
+	if m := c.next(); m.Type != "error" || m.Code != codeTooLarge || string(m.ID) != `"over"` || m.Key != "v/a" ||
+		m.Message != "value is 101 bytes, over the limit of 100" {
+		t.Fatalf("value over the limit: got %v, want too_large naming the limit", m)
+	}
+	if version, _, _ := stored(t, n, n.schema(), "v", "a"); version != 1 {
+		t.Fatalf("stored version %d, want 1: the value over the limit was written", version)
+	}
+	// The read limit follows: a message up to 32 KiB over the value limit
+	// is answered, a longer one, which the default limit would let
+	// through, ends the connection.
+	c.sendRaw(`{"type": "set", "id": "near", "key": "v/b", "version": 1, "value": ` + value(100+30<<10) + `}`)
+	if m := c.next(); m.Code != codeTooLarge || string(m.ID) != `"near"` {
+		t.Fatalf("message under the read limit: got %v, want too_large", m)
+	}
+	c.sendTooBig(`{"type": "set", "key": "v/b", "version": 1, "value": ` + value(40<<10) + `}`)
+}
+
+func TestSubscriptionLimit(t *testing.T) {
+	t.Parallel()
+	n := startNodeLimits(t, pgtest.Schema(t), Limits{MaxSubscriptions: 2})
+	c := dial(t, n.ws)
+	c.requestOK(map[string]any{"type": "subscribe", "key": "s/1"})
+	c.requestOK(map[string]any{"type": "subscribe", "table": "s"})
+	m := c.request(map[string]any{"type": "subscribe", "key": "s/2"})
+	if m.Type != "error" || m.Code != codeTooMany || m.Key != "s/2" || !strings.Contains(m.Message, "at most 2 subscriptions") {
+		t.Fatalf("third subscription: got %v, want too_many naming the limit", m)
+	}
+	n.srv.mu.Lock()
+	left := len(n.srv.keys["s/2"])
+	n.srv.mu.Unlock()
+	if left != 0 {
+		t.Fatal("the refused subscription is held")
+	}
+	// Subscribing again to what a client holds takes no more.
+	c.requestOK(map[string]any{"type": "subscribe", "key": "s/1"})
+	// Room made by unsubscribing can be used.
+	c.requestOK(map[string]any{"type": "unsubscribe", "table": "s"})
+	c.requestOK(map[string]any{"type": "subscribe", "key": "s/2"})
+	if m := c.request(map[string]any{"type": "subscribe", "table": "s"}); m.Code != codeTooMany {
+		t.Fatalf("third subscription: got %v, want too_many", m)
+	}
+}
+
+// TestMessageRateLimit sends many sets at once: a second's worth go through,
+// and the rest, refused, are not written.
+func TestMessageRateLimit(t *testing.T) {
+	t.Parallel()
+	const perSecond, sent = 3, 40
+	n := startNodeLimits(t, pgtest.Schema(t), Limits{MessagesPerSecond: perSecond})
+	c := dial(t, n.ws)
+	for i := range sent {
+		c.send(map[string]any{"type": "set", "id": i, "key": fmt.Sprintf("r/%d", i), "version": 1, "value": i})
+	}
+	limited := 0
+	for i := range sent {
+		m := c.await(func(m message) bool { return string(m.ID) == fmt.Sprint(i) })
+		_, _, written := stored(t, n, n.schema(), "r", fmt.Sprint(i))
+		switch {
+		case m.Type == "ok" && written:
+		case i >= perSecond && m.Type == "error" && m.Code == codeRateLimited && m.Key == fmt.Sprintf("r/%d", i) && !written:
+			if want := "over the limit of 3 messages a second"; !strings.Contains(m.Message, want) {
+				t.Errorf("message %q, want it to hold %q", m.Message, want)
+			}
+			limited++
+		default:
+			t.Fatalf("set %d: got %v, written: %v; want ok and written, or (after the first %d) rate_limited and not written", i, m, written, perSecond)
+		}
+	}
+	// Sets take far less than the (sent-perSecond)/perSecond seconds that
+	// would let all through.
+	if limited == 0 {
+		t.Fatalf("all %d sets went through", sent)
+	}
+	// The rate refills the allowance: after half a second, one and a half
+	// messages' worth.
+	time.Sleep(500 * time.Millisecond)
+	c.requestOK(map[string]any{"type": "set", "key": "r/after", "version": 1, "value": 1})
 }
