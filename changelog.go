@@ -361,6 +361,7 @@ type logEntry struct {
 	op               string
 	version          int64
 	value            json.RawMessage
+	at               time.Time // when it was appended, by the server's clock
 }
 
 var opTypes = map[string]EventType{"C": CreateTable, "X": DestroyTable, "I": Insert, "U": Update, "D": Delete}
@@ -387,7 +388,7 @@ func readHeadSQL(schema string) string {
 
 // readPageSQL reads a page of entries after a position ($1, at most $2).
 func readPageSQL(schema string) string {
-	return "SELECT position, off, tbl, coalesce(id, ''), op::text, coalesce(version, 0), val FROM " +
+	return "SELECT position, off, tbl, coalesce(id, ''), op::text, coalesce(version, 0), val, at FROM " +
 		pgx.Identifier{schema, logEntries}.Sanitize() + " WHERE position > $1 ORDER BY position LIMIT $2"
 }
 
@@ -473,6 +474,15 @@ func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
 	defer close(c.janitorDone)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	measure := func() {
+		var size int64
+		if err := c.pool.QueryRow(ctx, logSizeSQL(c.cfg.schema)).Scan(&size); err == nil {
+			c.logSize.Store(&logSize{bytes: size, at: time.Now()})
+		}
+	}
+	if c.logged.Load() {
+		measure()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -489,5 +499,24 @@ func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
 		if _, err := rotateLog(ctx, c.pool, c.cfg.schema, false); err != nil && ctx.Err() == nil && !isUndefinedTable(err) {
 			c.cfg.logger.Warn("pgstore: change log retention failed; will try again", "schema", c.cfg.schema, "err", err)
 		}
+		measure()
 	}
+}
+
+// A logSize is the log's size on disk as the janitor last measured it, for
+// Stats, which runs no query.
+type logSize struct {
+	bytes int64
+	at    time.Time
+}
+
+// logSizeSQL measures the log's partitions, with their indexes and TOAST.
+func logSizeSQL(schema string) string { return "SELECT " + logSizeExpr(schema) }
+
+func logSizeExpr(schema string) string {
+	parts := make([]string, logParts)
+	for p := range logParts {
+		parts[p] = fmt.Sprintf("pg_total_relation_size(%s)", quoteLiteral(logPart(schema, p)))
+	}
+	return strings.Join(parts, " + ")
 }

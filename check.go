@@ -397,11 +397,7 @@ func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	if err != nil {
 		return err
 	}
-	parts := make([]string, logParts)
-	for p := range logParts {
-		parts[p] = fmt.Sprintf("pg_total_relation_size(%s)", quoteLiteral(logPart(schema, p)))
-	}
-	err = c.pool.QueryRow(ctx, "SELECT retention, "+strings.Join(parts, " + ")+" FROM "+pgx.Identifier{schema, logHead}.Sanitize()).
+	err = c.pool.QueryRow(ctx, "SELECT retention, "+logSizeExpr(schema)+" FROM "+pgx.Identifier{schema, logHead}.Sanitize()).
 		Scan(&retention, &size)
 	if err != nil {
 		return err
@@ -430,6 +426,8 @@ func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	return nil
 }
 
+// quoteLiteral renders s as an SQL string literal, for the statements that
+// cannot take it as a parameter (DDL, a regclass in a size expression).
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 func (c *Connector) checkQueue(ctx context.Context, r *Report) error {

@@ -88,8 +88,12 @@ type Connector struct {
 	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
 
 	logged      atomic.Bool // the schema has a change log
+	logSize     atomic.Pointer[logSize]
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
+
+	// Of the subscriptions, for Stats.
+	delivered, resyncs, overflows atomic.Int64
 
 	closing   atomic.Bool
 	closeOnce sync.Once

@@ -1168,3 +1168,34 @@ func ExampleConnector_GetMany() {
 	// Output:
 	// 2 3 "bmx"
 }
+
+func ExampleConnector_Stats() {
+	defer exampleSchema("pgstore_example_stats")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_stats"),
+		pgstore.WithChangeLog(24*time.Hour))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	sub, err := c.Subscribe(ctx, func(pgstore.Event) {})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+	for i := range 3 {
+		if err := c.Set(ctx, "cars/bmw", int64(i+1), car{Model: "bmw", HP: 300 + i}); err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	// What a metrics collector reads on every scrape: no query is sent.
+	st := c.Stats()
+	fmt.Println("durable writes:", st.DurableWrites, "failed:", st.FailedWrites.Refused+st.FailedWrites.TimedOut+st.FailedWrites.Unknown)
+	fmt.Println("listening:", st.Listener.Listening, "subscriptions:", st.Subscriptions)
+	fmt.Println("following the log:", len(st.Log.Lags)) // each with how far it is behind
+	// Output:
+	// durable writes: 3 failed: 0
+	// listening: true subscriptions: 1
+	// following the log: 1
+}

@@ -181,6 +181,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 			continue
 		}
 		wait.Reset()
+		s.logEnd.Store(head.position)
 		limit = nextLimit(page, limit)
 		if n := len(page); n > 0 && page[n-1].position < head.position {
 			aheadFrom = page[n-1].position
@@ -188,6 +189,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 			go func(from int64, limit int) { ahead <- s.read(from, limit) }(aheadFrom, limit)
 		}
 		for _, e := range page {
+			s.logAt.Store(e.at.UnixNano())
 			ev := e.event(s.cfg.schema, logID)
 			if s.wants(ev) && !s.call(ev) {
 				return
@@ -195,7 +197,6 @@ func (s *Subscription) follow(logID string, pos int64) {
 			pos = e.position
 			s.logPos.Store(pos)
 		}
-		s.logEnd.Store(head.position)
 		if len(page) > 0 && pos < head.position {
 			continue // more to read at once
 		}
@@ -251,7 +252,7 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 		for rows.Next() {
 			var e logEntry
 			var val []byte
-			if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &e.op, &e.version, &val); err != nil {
+			if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &e.op, &e.version, &val, &e.at); err != nil {
 				return err
 			}
 			if val != nil {

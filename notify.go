@@ -356,6 +356,7 @@ type Subscription struct {
 	toLog      atomic.Bool  // of the NOTIFY feed: switch to the log (see logStarted)
 	stopping   bool         // under the connector's subsMu: stop has begun
 	logEnd     atomic.Int64 // the log's end, as of the last read
+	logAt      atomic.Int64 // when the entry being delivered was appended, in Unix ns
 
 	mu     sync.Mutex
 	lost   bool // the queue overflowed: drop notices until Resync is delivered
@@ -509,6 +510,7 @@ func (s *Subscription) push(n *notice) {
 		}
 	}
 	s.lost = true
+	s.c.overflows.Add(1)
 	select {
 	case s.wake <- struct{}{}:
 	default:
@@ -558,6 +560,11 @@ func (s *Subscription) call(e Event) (open bool) {
 	default:
 	}
 	open = true // also after a panic
+	if e.Type == Resync {
+		s.c.resyncs.Add(1)
+	} else {
+		s.c.delivered.Add(1)
+	}
 	defer func() {
 		if r := recover(); r != nil {
 			s.c.cfg.logger.Error("pgstore: subscription handler panicked", "event", e.Type.String(), "key", e.Key, "panic", r)

@@ -50,6 +50,24 @@ type Listener struct {
 	mu        sync.Mutex
 	channels  map[string]*channel
 	interrupt context.CancelFunc // cancels the loop's current wait
+	state     State
+}
+
+// State is where the Listener stands.
+type State struct {
+	// Listening: the connection is up and LISTENs on every channel
+	// wanted when it connected; since Since.
+	Listening bool
+	Since     time.Time
+	// Reconnects counts the lost connections replaced.
+	Reconnects int64
+}
+
+// State returns where the Listener stands.
+func (l *Listener) State() State {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state
 }
 
 func (l *Listener) init() {
@@ -84,6 +102,11 @@ func (l *Listener) Run(ctx context.Context) {
 	defer close(l.stopped)
 	var conn *pgx.Conn
 	defer func() {
+		l.mu.Lock()
+		if l.state.Listening {
+			l.state.Listening, l.state.Since = false, time.Now()
+		}
+		l.mu.Unlock()
 		if conn != nil {
 			closeCtx, cancel := context.WithTimeout(context.Background(), time.Second)
 			conn.Close(closeCtx)
@@ -122,6 +145,12 @@ func (l *Listener) Run(ctx context.Context) {
 			// Only now that the channels are listened on again can a
 			// subscriber's re-read miss nothing.
 			fresh = false
+			l.mu.Lock()
+			l.state.Listening, l.state.Since = true, time.Now()
+			if everListened {
+				l.state.Reconnects++
+			}
+			l.mu.Unlock()
 			if everListened {
 				l.Reconnected()
 			}
@@ -148,6 +177,7 @@ func (l *Listener) lost(ctx context.Context, conn *pgx.Conn, err error) *pgx.Con
 		ch.listening = false
 		ch.unannounce()
 	}
+	l.state.Listening, l.state.Since = false, time.Now()
 	l.mu.Unlock()
 	return nil
 }

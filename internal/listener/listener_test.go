@@ -129,6 +129,9 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 	require.NoError(t, l.Listen(ctx, "a"))
 	require.NoError(t, l.Listen(ctx, "b"))
 	require.EqualValues(t, 2, listens.done.Load())
+	first := l.State()
+	require.True(t, first.Listening)
+	require.Zero(t, first.Reconnects)
 
 	admin, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)
@@ -141,4 +144,11 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("no Reconnected after the connection was terminated")
 	}
+	again := l.State()
+	require.True(t, again.Listening)
+	require.Equal(t, int64(1), again.Reconnects)
+	require.True(t, again.Since.After(first.Since), "listening since the new connection")
+	cancel()
+	<-done
+	require.False(t, l.State().Listening, "once Run returned")
 }

@@ -264,8 +264,8 @@ func runProgram(p program) (problems []string, tally map[string]int) {
 				return false
 			}
 		}
-		if writes, bytes := buf.Buffered(); writes != 0 || bytes != 0 {
-			problem("%s: every outcome is in, yet %d writes and %d bytes are buffered", when, writes, bytes)
+		if st := buf.Stats(); st.Writes != 0 || st.Bytes != 0 {
+			problem("%s: every outcome is in, yet %d writes and %d bytes are buffered", when, st.Writes, st.Bytes)
 		}
 		for _, k := range progKeys {
 			if v, _, ok := buf.Lookup(k.table, k.id); ok {

@@ -21,6 +21,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pgstore/pgstore/internal/backoff"
@@ -216,8 +217,61 @@ type Buffer struct {
 	failing   error
 	failingAt time.Time
 
+	stats   Stats        // guarded by mu, but for Writes, Bytes and Retries
+	retries atomic.Int64 // counted by the flusher as it goes
+
 	cancel context.CancelFunc
 	done   chan struct{}
+}
+
+// Stats are a Buffer's counters since New, and what it holds now. A write
+// that a later one to its key replaced in the buffer shares that one's
+// outcome, and is not counted apart.
+type Stats struct {
+	Writes, Bytes int   // buffered now: accepted, outcome not yet known
+	Flushes       int64 // batches flushed, whatever the outcome
+	FlushTime     time.Duration
+	LastFlushTime time.Duration
+	Durable       int64 // writes made durable
+	Retries       int64 // attempts at a batch after its first
+	// Writes failed, by cause: refused by the server or the version guard
+	// (at Enqueue too), given up when the retry timeout passed, outcome
+	// unknown, or failed by Close (a write that came after is not
+	// counted: it was never accepted).
+	Refused, TimedOut, Unknown, Closed int64
+}
+
+// Stats returns the buffer's counters.
+func (b *Buffer) Stats() Stats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := b.stats
+	for _, bt := range b.batches {
+		st.Writes += bt.count
+	}
+	st.Bytes = b.bytes
+	st.Retries = b.retries.Load()
+	return st
+}
+
+// retryTimeout marks the errors of writes given up because their retry
+// timeout passed, for Stats.
+type retryTimeout struct{ error }
+
+func (e retryTimeout) Unwrap() error { return e.error }
+
+// countFailureLocked counts a failed write by its cause.
+func (b *Buffer) countFailureLocked(err error) {
+	switch {
+	case errors.Is(err, ErrClosed):
+		b.stats.Closed++
+	case errors.Is(err, ErrOutcomeUnknown):
+		b.stats.Unknown++
+	case errors.As(err, new(retryTimeout)):
+		b.stats.TimedOut++
+	default:
+		b.stats.Refused++
+	}
 }
 
 // New starts a Buffer's flusher.
@@ -249,6 +303,7 @@ func (b *Buffer) Enqueue(ctx context.Context, op Op) *Result {
 	b.mu.Lock()
 	for !b.closed && b.bytes > 0 && b.bytes+cost+len(op.ID)+KeyOverhead > b.cfg.Limit {
 		if err := b.guardLocked(op); err != nil {
+			b.stats.Refused++
 			b.mu.Unlock()
 			return Failed(err) // at once, not after waiting for room
 		}
@@ -268,6 +323,7 @@ func (b *Buffer) Enqueue(ctx context.Context, op Op) *Result {
 		return Failed(ErrClosed)
 	}
 	if err := b.guardLocked(op); err != nil {
+		b.stats.Refused++
 		b.mu.Unlock()
 		return Failed(err)
 	}
@@ -374,16 +430,6 @@ func (b *Buffer) lookupLocked(tbl, id string) (*Write, bool) {
 		}
 	}
 	return nil, false
-}
-
-// Buffered returns how many writes and bytes the buffer holds.
-func (b *Buffer) Buffered() (writes, bytes int) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, bt := range b.batches {
-		writes += bt.count
-	}
-	return writes, b.bytes
 }
 
 func (b *Buffer) signal() {
@@ -525,8 +571,11 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 			// passing reason, and what is left of its deadline is less
 			// than an attempt may take: it fails with the cause, instead
 			// of each queued batch spending an attempt of its own.
-			failAll(v, fmt.Errorf("pgstore: write not sent: the retry timeout passed while earlier writes failed: %w", b.failing))
+			failAll(v, retryTimeout{fmt.Errorf("pgstore: write not sent: the retry timeout passed while earlier writes failed: %w", b.failing)})
 			return
+		}
+		if attempt > 1 {
+			b.retries.Add(1)
 		}
 		v.each(func(w *Write) { w.Err = nil })
 		actx, cancel := context.WithTimeout(ctx, b.attemptBound(deadline))
@@ -553,7 +602,7 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 					case ctx.Err() != nil:
 						failAll(half, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
 					case !time.Now().Before(deadline):
-						failAll(half, fmt.Errorf("pgstore: write failed: the retry timeout passed while halving a batch the server gave up on: %w", err))
+						failAll(half, retryTimeout{fmt.Errorf("pgstore: write failed: the retry timeout passed while halving a batch the server gave up on: %w", err)})
 					default:
 						b.flush(ctx, half, due, deadline)
 					}
@@ -577,7 +626,7 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 		}
 		sleep := wait.Next()
 		if time.Now().Add(sleep).After(deadline) {
-			err = fmt.Errorf("pgstore: write failed after %d attempt(s): %w", attempt, err)
+			err = retryTimeout{fmt.Errorf("pgstore: write failed after %d attempt(s): %w", attempt, err)}
 			b.cfg.Logger.Error("pgstore: batch failed", "records", v.count, "attempts", attempt, "err", err)
 			b.failing, b.failingAt = err, time.Now()
 			failAll(v, err)
@@ -638,6 +687,18 @@ func (b *Buffer) complete(bt *batch, took time.Duration) {
 	}
 	b.gatherTarget = min(pending+bt.count, b.cfg.MaxBatch)
 	b.gatherUntil = time.Now().Add(min(took/4, maxGather))
+	b.stats.Flushes++
+	b.stats.FlushTime += took
+	b.stats.LastFlushTime = took
+	for _, t := range bt.tables {
+		for _, w := range t.writes {
+			if w.Err == nil {
+				b.stats.Durable++
+			} else {
+				b.countFailureLocked(w.Err)
+			}
+		}
+	}
 	close(b.room)
 	b.room = make(chan struct{})
 	b.mu.Unlock()

@@ -226,7 +226,8 @@ func TestLookupSeesBufferedWritesIncludingThoseBeingWritten(t *testing.T) {
 	require.NoError(t, outcome(t, rb))
 	_, _, ok = b.Lookup("t", "a")
 	require.False(t, ok, "a durable write is read from the table, not the buffer")
-	writes, bytes := b.Buffered()
+	st := b.Stats()
+	writes, bytes := st.Writes, st.Bytes
 	require.Zero(t, writes)
 	require.Zero(t, bytes)
 }
@@ -419,7 +420,8 @@ func TestBufferedCountsTheWritesAndTheBytesTheyHold(t *testing.T) {
 
 	requireBuffered := func(writes, bytes int) {
 		t.Helper()
-		w, by := b.Buffered()
+		st := b.Stats()
+		w, by := st.Writes, st.Bytes
 		require.Equal(t, writes, w, "writes")
 		require.Equal(t, bytes, by, "bytes")
 	}
@@ -486,7 +488,7 @@ func TestEnqueuesContextBoundsItsWaitForRoomAndNothingIsLost(t *testing.T) {
 	require.ErrorIs(t, rb.Wait(context.Background()), context.DeadlineExceeded)
 	_, _, ok := b.Lookup("t", "b")
 	require.False(t, ok, "the refused write is not buffered")
-	writes, _ := b.Buffered()
+	writes := b.Stats().Writes
 	require.Equal(t, 1, writes)
 	close(g)
 	require.NoError(t, outcome(t, ra), "the accepted write still lands")
@@ -540,7 +542,8 @@ func TestCloseFlushesEverything(t *testing.T) {
 		require.NoError(t, outcome(t, r))
 	}
 	require.Len(t, s.Rows(), 50)
-	writes, bytes := b.Buffered()
+	st := b.Stats()
+	writes, bytes := st.Writes, st.Bytes
 	require.Zero(t, writes)
 	require.Zero(t, bytes)
 }
@@ -1008,4 +1011,47 @@ func TestAWriteQueuedBehindFailingBatchesFailsNearItsOwnDeadlineNotAfterTheirs(t
 			require.Less(t, last, 3*retryTimeout)
 		})
 	}
+}
+
+// ---- Stats ----
+
+func TestStatsCountFlushesDurableWritesRetriesAndFailuresByCause(t *testing.T) {
+	s := newSink().then(
+		fail(writebuf.Transient), refusing("bad"), // a retry, then one refused and one durable
+		fail(writebuf.Permanent), // a batch refused whole
+		lost(false, cannotAsk),   // an outcome that cannot be learnt
+	).otherwise(func(int, *writebuf.Batch) step { return fail(writebuf.Transient) })
+	cfg := config()
+	cfg.RetryTimeout = retryTimeout
+	b := start(t, cfg, s)
+
+	first := []*writebuf.Result{enqueue(t, b, set("good", 1, "1")), enqueue(t, b, set("bad", 1, "1"))}
+	require.NoError(t, outcome(t, first[0]))
+	require.ErrorIs(t, outcome(t, first[1]), errRefused)
+	require.ErrorIs(t, outcome(t, enqueue(t, b, set("p", 1, "1"))), errPermanent)
+	require.ErrorIs(t, outcome(t, enqueue(t, b, set("u", 1, "1"))), writebuf.ErrOutcomeUnknown)
+	require.ErrorIs(t, outcome(t, enqueue(t, b, set("late", 1, "1"))), errTransient) // until the retry timeout
+
+	st := b.Stats()
+	require.Equal(t, writebuf.Stats{
+		Flushes: 4, Durable: 1, Refused: 2, Unknown: 1, TimedOut: 1,
+		Retries: st.Retries, FlushTime: st.FlushTime, LastFlushTime: st.LastFlushTime,
+	}, st)
+	require.GreaterOrEqual(t, st.Retries, int64(2), "the first batch's second attempt, and the last batch's")
+	require.Greater(t, st.FlushTime, st.LastFlushTime)
+	require.Positive(t, st.LastFlushTime)
+
+}
+
+func TestStatsCountTheWritesThatCloseFails(t *testing.T) {
+	cfg := config()
+	cfg.Interval = time.Hour
+	b := start(t, cfg, newSink())
+	r := enqueue(t, b, set("k", 1, "1"))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	require.ErrorIs(t, b.Close(ctx), context.Canceled)
+	require.ErrorIs(t, outcome(t, r), writebuf.ErrClosed)
+	require.ErrorIs(t, b.Enqueue(context.Background(), set("after", 1, "1")).Wait(context.Background()), writebuf.ErrClosed)
+	require.Equal(t, int64(1), b.Stats().Closed, "the write Close failed, not the one refused after")
 }
