@@ -74,7 +74,7 @@ func (c *Connector) GetMany(ctx context.Context, keys []string) (map[string]Reco
 	for _, key := range keys {
 		table, id, err := splitKey(key, c.cfg.defaultTable)
 		if err != nil {
-			return nil, "", fmt.Errorf("pgstore: GetMany: %w", err)
+			return nil, "", err
 		}
 		byTable[table] = append(byTable[table], id)
 	}

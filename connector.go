@@ -42,10 +42,33 @@ var (
 	// the connector closes, it may even still commit. Only a write that
 	// was actually sent ever reports it.
 	ErrOutcomeUnknown = writebuf.ErrOutcomeUnknown
-	// ErrVersionConflict is wrapped by the error of a write refused by the
-	// version guard (see WithVersionGuard).
-	ErrVersionConflict = errors.New("version conflict")
+	// ErrVersionConflict is matched by the error of a write refused by the
+	// version guard (see WithVersionGuard), a *VersionConflictError.
+	ErrVersionConflict = errors.New("pgstore: version conflict")
 )
+
+// A VersionConflictError is the error of a set that the version guard
+// refused because a newer version of its record is stored or buffered.
+// errors.Is(err, ErrVersionConflict) matches it.
+type VersionConflictError struct {
+	Key     string
+	Version int64 // the set's
+	// Stored is the version that kept the set out: the buffered one, or
+	// the one stored when the set reached the server. It is 0 when that
+	// could not be read: a write that committed while the set's statement
+	// ran, seen by its conflict check but not by its snapshot.
+	Stored int64
+}
+
+func (e *VersionConflictError) Error() string {
+	if e.Stored == 0 {
+		return fmt.Sprintf("%v: %s version %d is older than the version stored", ErrVersionConflict, quoteInput(e.Key), e.Version)
+	}
+	return fmt.Sprintf("%v: %s version %d is older than version %d, stored or buffered", ErrVersionConflict, quoteInput(e.Key), e.Version, e.Stored)
+}
+
+// Is makes errors.Is(err, ErrVersionConflict) match.
+func (e *VersionConflictError) Is(target error) bool { return target == ErrVersionConflict }
 
 // A Record is a stored value and its version.
 type Record struct {
@@ -324,7 +347,7 @@ func (c *Connector) set(ctx context.Context, key string, version int64, value an
 	}
 	data, err := encodeValue(value, c.cfg.maxValueBytes)
 	if err != nil {
-		return failed(fmt.Errorf("pgstore: %s: %w", quoteInput(key), err))
+		return failed(fmt.Errorf("%w (key %s)", err, quoteInput(key)))
 	}
 	return &Result{c.buf.Enqueue(ctx, writebuf.Op{Table: t.name, Handle: t, ID: id, Version: version, Value: data})}
 }
@@ -349,7 +372,7 @@ func (c *Connector) delete(ctx context.Context, key string) *Result {
 	}
 	name, id, err := splitKey(key, c.cfg.defaultTable)
 	if err != nil {
-		return failed(fmt.Errorf("pgstore: %w", err))
+		return failed(err)
 	}
 	t, _ := c.knownTable(name)
 	return &Result{c.buf.Enqueue(ctx, writebuf.Op{Table: t.name, Handle: t, ID: id})}
@@ -365,7 +388,7 @@ func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
 	}
 	name, id, err := splitKey(key, c.cfg.defaultTable)
 	if err != nil {
-		return Record{}, fmt.Errorf("pgstore: %w", err)
+		return Record{}, err
 	}
 	version, value, buffered := c.buf.Lookup(name, id)
 	if buffered && value == nil {
@@ -399,7 +422,7 @@ func (c *Connector) Get(ctx context.Context, key string) (Record, error) {
 func (c *Connector) writeTable(key string) (*table, string, error) {
 	name, id, err := splitKey(key, c.cfg.defaultTable)
 	if err != nil {
-		return nil, "", fmt.Errorf("pgstore: %w", err)
+		return nil, "", err
 	}
 	c.mu.Lock()
 	t := c.tables[name]

@@ -50,11 +50,7 @@ func nextLimit(page []logEntry, limit int) int {
 // whose Reason is ErrCursorExpired.
 func After(c string) Filter {
 	return func(sc *subscribeConfig) error {
-		cu, err := parseCursor(c)
-		if err != nil {
-			return fmt.Errorf("After: %w", err)
-		}
-		sc.after = &cu
+		sc.afterText = &c
 		return nil
 	}
 }
@@ -69,9 +65,9 @@ func (c *Connector) subscribeLog(ctx context.Context, s *Subscription) (*Subscri
 	if a := s.cfg.after; a != nil {
 		switch {
 		case a.log != head.log:
-			return nil, fmt.Errorf("pgstore: Subscribe: %w %q: of another log than schema %q's (a schema destroyed and made again, or another schema)", ErrInvalidCursor, a.String(), s.cfg.schema)
+			return nil, fmt.Errorf("%w %q: of another log than schema %q's (a schema destroyed and made again, or another schema)", ErrInvalidCursor, a.String(), s.cfg.schema)
 		case a.position > head.position:
-			return nil, fmt.Errorf("pgstore: Subscribe: %w %q: beyond the log's end, %d", ErrInvalidCursor, a.String(), head.position)
+			return nil, fmt.Errorf("%w %q: beyond the log's end, %d", ErrInvalidCursor, a.String(), head.position)
 		}
 		pos = a.position
 	}

@@ -264,7 +264,10 @@ type subscribeConfig struct {
 	schema string
 	types  eventSet // empty: all
 	tables map[string]bool
-	after  *cursor // from After
+	// From After: the cursor as given, and as Subscribe read it, so that
+	// its error is Subscribe's own.
+	afterText *string
+	after     *cursor
 }
 
 // ForEvents delivers only events of the given types, at least one. Resync is
@@ -403,6 +406,13 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 		if err := f(&s.cfg); err != nil {
 			return nil, fmt.Errorf("pgstore: Subscribe: %w", err)
 		}
+	}
+	if s.cfg.afterText != nil {
+		cu, err := parseCursor(*s.cfg.afterText)
+		if err != nil {
+			return nil, err
+		}
+		s.cfg.after = &cu
 	}
 	state, err := readLogState(ctx, c.pool, s.cfg.schema)
 	if err != nil {

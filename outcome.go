@@ -293,7 +293,22 @@ func (s *sqlSink) readRefused(ctx context.Context, conn *pgx.Conn, b *writebuf.B
 		return fmt.Errorf("read what the version guard refused: %w", err)
 	}
 	for _, wt := range b.Tables {
-		s.tableBatch(wt).markRefused(refused[wt.Name])
+		ids := refused[wt.Name]
+		if len(ids) == 0 {
+			continue
+		}
+		// The versions that kept them out, as stored now: the same, or
+		// newer ones written since.
+		rows, err := conn.Query(ctx, "SELECT r.id, coalesce(t.version, 0) FROM unnest($1::text[]) r(id) LEFT JOIN "+
+			pgx.Identifier{s.c.cfg.schema, wt.Name}.Sanitize()+" t ON t.id = r.id", ids)
+		if err != nil {
+			return fmt.Errorf("read the versions that the version guard kept: %w", err)
+		}
+		stored, err := collectRefused(rows)
+		if err != nil {
+			return fmt.Errorf("read the versions that the version guard kept: %w", err)
+		}
+		s.tableBatch(wt).markRefused(stored)
 	}
 	return nil
 }

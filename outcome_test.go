@@ -90,7 +90,11 @@ func TestACommittedBatchWhoseAnswerIsLostIsReportedCommittedAndNotAppliedAgain(t
 
 			require.NoError(t, mine.Wait(ctx), "it did commit")
 			if guard {
-				require.ErrorIs(t, old.Wait(ctx), pgstore.ErrVersionConflict, "the guard refused it in the committed batch")
+				err := old.Wait(ctx)
+				require.ErrorIs(t, err, pgstore.ErrVersionConflict, "the guard refused it in the committed batch")
+				var conflict *pgstore.VersionConflictError
+				require.ErrorAs(t, err, &conflict)
+				require.Equal(t, int64(10), conflict.Stored, "read back with what the guard refused")
 				requireRecord(t, other, "k/refused", 10, `"newer"`)
 			} else {
 				require.NoError(t, old.Wait(ctx))

@@ -31,10 +31,10 @@ const tableMarker = "pgstore records"
 
 var (
 	// ErrInvalidKey wraps every error about a malformed record key.
-	ErrInvalidKey = errors.New("invalid key")
+	ErrInvalidKey = errors.New("pgstore: invalid key")
 	// ErrInvalidValue wraps every error about a record value that is not
 	// JSON that PostgreSQL's jsonb accepts.
-	ErrInvalidValue = errors.New("invalid value")
+	ErrInvalidValue = errors.New("pgstore: invalid value")
 )
 
 // checkIdentifier reports why name cannot be a PostgreSQL identifier of the
@@ -140,7 +140,7 @@ func newTable(schema, name string, versionGuard bool) *table {
 			return "WITH written AS (" + insert + source + onConflict + " WHERE t.version <= excluded.version RETURNING t.id), " +
 				"refused AS (INSERT INTO " + pgx.Identifier{schema, refusedTable}.Sanitize() + " (token, tbl, id) " +
 				"SELECT " + token + "::uuid, " + tbl + "::text, s.id FROM " + sent + " WHERE s.id COLLATE \"C\" NOT IN (SELECT id FROM written) RETURNING id) " +
-				"SELECT id FROM refused"
+				"SELECT r.id, coalesce((SELECT c.version FROM " + ident + " c WHERE c.id = r.id), 0) FROM refused r"
 		}
 		t.upsertSQL = guarded(arrays, "unnest($1::text[]) s(id)", "$4", "$5")
 		t.stagedSQL = guarded(staged, stagingTable.Sanitize()+" s", "$1", "$2")

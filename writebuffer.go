@@ -53,7 +53,7 @@ type tableBatch struct {
 	t       *table
 	sets    []*writebuf.Write // in id order
 	deletes []*writebuf.Write // in id order
-	refused []string          // ids the version guard kept out, from the last attempt
+	refused map[string]int64  // ids the version guard kept out, from the last attempt, with the version stored
 }
 
 func (s *sqlSink) tableBatch(wt *writebuf.Table) *tableBatch {
@@ -276,7 +276,7 @@ func (s *sqlSink) queueWrites(pb *pgx.Batch, tb *tableBatch, token string, stage
 		if s.c.cfg.versionGuard {
 			q.Query(func(rows pgx.Rows) error {
 				var err error
-				tb.refused, err = pgx.CollectRows(rows, pgx.RowTo[string])
+				tb.refused, err = collectRefused(rows)
 				return err
 			})
 		}
@@ -301,19 +301,28 @@ func (s *sqlSink) markRefused(tables []*tableBatch) {
 	}
 }
 
-func (tb *tableBatch) markRefused(refused []string) {
+func (tb *tableBatch) markRefused(refused map[string]int64) {
 	if len(refused) == 0 {
 		return
 	}
-	out := make(map[string]bool, len(refused))
-	for _, id := range refused {
-		out[id] = true
-	}
 	for _, w := range tb.sets {
-		if out[w.ID] {
-			w.Err = versionConflict(tb.t.name, w.ID, w.Version)
+		if stored, ok := refused[w.ID]; ok {
+			w.Err = versionConflict(tb.t.name, w.ID, w.Version, stored)
 		}
 	}
+}
+
+// collectRefused reads the ids the guarded upsert refused, each with the
+// version it found stored.
+func collectRefused(rows pgx.Rows) (map[string]int64, error) {
+	refused := make(map[string]int64)
+	var id string
+	var stored int64
+	_, err := pgx.ForEachRow(rows, []any{&id, &stored}, func() error {
+		refused[id] = stored
+		return nil
+	})
+	return refused, err
 }
 
 // prepareTable creates the table of a batch that holds sets, or finds
@@ -434,7 +443,7 @@ func (s *sqlSink) apply(ctx context.Context, q pgx.Tx, tb *tableBatch, ws []*wri
 	if err != nil {
 		return err
 	}
-	refused, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	refused, err := collectRefused(rows)
 	if err != nil {
 		return err
 	}
@@ -456,7 +465,7 @@ func (s *sqlSink) bisect(ctx context.Context, tx pgx.Tx, tb *tableBatch, ws []*w
 		return err
 	}
 	if len(ws) == 1 {
-		ws[0].Err = fmt.Errorf("pgstore: %w %s: %w", ErrInvalidValue, quoteInput(tb.t.name+"/"+ws[0].ID), err)
+		ws[0].Err = fmt.Errorf("%w %s: %w", ErrInvalidValue, quoteInput(tb.t.name+"/"+ws[0].ID), err)
 		return nil
 	}
 	h := len(ws) / 2
@@ -466,9 +475,8 @@ func (s *sqlSink) bisect(ctx context.Context, tx pgx.Tx, tb *tableBatch, ws []*w
 	return s.bisect(ctx, tx, tb, ws[h:], sets, token)
 }
 
-func versionConflict(table, id string, version int64) error {
-	return fmt.Errorf("pgstore: %w: %s version %d is older than the version stored",
-		ErrVersionConflict, quoteInput(table+"/"+id), version)
+func versionConflict(table, id string, version, stored int64) error {
+	return &VersionConflictError{Key: table + "/" + id, Version: version, Stored: stored}
 }
 
 // classify says what an attempt's error means for its batch.

@@ -380,7 +380,10 @@ func TestTheVersionGuardRefusesAnOlderVersionAndKeepsTheRestOfTheBatch(t *testin
 
 	err := older.Wait(ctx)
 	require.ErrorIs(t, err, pgstore.ErrVersionConflict)
-	require.ErrorContains(t, err, "g/a")
+	var conflict *pgstore.VersionConflictError
+	require.ErrorAs(t, err, &conflict)
+	require.Equal(t, pgstore.VersionConflictError{Key: "g/a", Version: 5, Stored: 10}, *conflict, "with the version that kept it out")
+	require.ErrorContains(t, err, `"g/a" version 5 is older than version 10`)
 	waitAll(t, others)
 	requireRecord(t, stored, "g/a", 10, `"a10"`)
 	requireRecord(t, stored, "g/b", 11, `"b11"`)
@@ -413,7 +416,10 @@ func TestTheVersionGuardRefusesAVersionOlderThanABufferedOneAtOnce(t *testing.T)
 	// can complete this Result before ctx ends.
 	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
 	defer cancel()
-	require.ErrorIs(t, c.SetAsync(ctx, "g/k", 3, "three").Wait(ctx), pgstore.ErrVersionConflict)
+	err := c.SetAsync(ctx, "g/k", 3, "three").Wait(ctx)
+	var conflict *pgstore.VersionConflictError
+	require.ErrorAs(t, err, &conflict)
+	require.Equal(t, pgstore.VersionConflictError{Key: "g/k", Version: 3, Stored: 5}, *conflict, "the buffered version kept it out")
 	requireRecord(t, c, "g/k", 5, `"five"`)
 
 	closeNow(t, c)

@@ -224,7 +224,7 @@ func runProgram(p program) (problems []string, tally map[string]int) {
 		RetryTimeout: progRetryTimeout,
 		MinAttempt:   progMinAttempt,
 		Guard:        p.guard,
-		Conflict: func(table, id string, version int64) error {
+		Conflict: func(table, id string, version, _ int64) error {
 			conflicts = append(conflicts, fmt.Sprintf("%s/%s@%d", table, id, version))
 			return fmt.Errorf("%w: %s/%s@%d", errConflict, table, id, version)
 		},

@@ -130,7 +130,7 @@ type Config struct {
 	// its key.
 	Guard bool
 	// Conflict makes the error of a set the guard refuses.
-	Conflict func(table, id string, version int64) error
+	Conflict func(table, id string, version, newer int64) error
 	// Logger receives retries and failures.
 	Logger *slog.Logger
 }
@@ -372,7 +372,7 @@ func (b *Buffer) guardLocked(op Op) error {
 		return nil
 	}
 	if newer, ok := b.lookupLocked(op.Table, op.ID); ok && newer.Value != nil && newer.Version > op.Version {
-		return b.cfg.Conflict(op.Table, op.ID, op.Version)
+		return b.cfg.Conflict(op.Table, op.ID, op.Version, newer.Version)
 	}
 	return nil
 }

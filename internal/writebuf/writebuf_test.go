@@ -654,8 +654,8 @@ var errConflict = errors.New("version conflict")
 
 func guarded(cfg writebuf.Config, refused *[]string) writebuf.Config {
 	cfg.Guard = true
-	cfg.Conflict = func(table, id string, version int64) error {
-		*refused = append(*refused, fmt.Sprintf("%s/%s@%d", table, id, version))
+	cfg.Conflict = func(table, id string, version, newer int64) error {
+		*refused = append(*refused, fmt.Sprintf("%s/%s@%d<%d", table, id, version, newer))
 		return fmt.Errorf("%w: %s/%s@%d", errConflict, table, id, version)
 	}
 	return cfg
@@ -672,7 +672,7 @@ func TestTheGuardRefusesASetOlderThanTheBufferedOneAtOnce(t *testing.T) {
 	older := b.Enqueue(context.Background(), set("k", 3, "three"))
 	require.False(t, older.Accepted(), "refused without waiting for the server")
 	require.ErrorIs(t, older.Wait(context.Background()), errConflict)
-	require.Equal(t, []string{"t/k@3"}, refused, "Conflict makes the error")
+	require.Equal(t, []string{"t/k@3<5"}, refused, "Conflict makes the error, with the buffered version that refused it")
 	version, value, _ := b.Lookup("t", "k")
 	require.Equal(t, int64(5), version)
 	require.Equal(t, []byte("five"), value)
