@@ -161,6 +161,9 @@ func Check(ctx context.Context, connString string, opts ...Option) (Report, erro
 	if err != nil {
 		return Report{}, connStringError(connString, err)
 	}
+	if err := checkTLSFiles(connString); err != nil {
+		return Report{}, err
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return Report{}, fmt.Errorf("pgstore: %w", err)

@@ -138,6 +138,9 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*Connector
 	if err != nil {
 		return nil, connStringError(connString, err)
 	}
+	if err := checkTLSFiles(connString); err != nil {
+		return nil, err
+	}
 	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
 		// So that operators can tell pgstore's sessions apart in
 		// pg_stat_activity; a connection string (or PGAPPNAME) may say

@@ -58,6 +58,24 @@ type connStringErr struct {
 func (e *connStringErr) Error() string { return e.text }
 func (e *connStringErr) Unwrap() error { return e.err }
 
+// checkTLSFiles refuses a connection string that names TLS files with
+// sslmode=disable, which would connect without TLS and ignore them: the
+// files say that TLS was meant. (verify-ca and verify-full without
+// sslrootcert verify the server against the system's trust store, as Go
+// does, where libpq would read ~/.postgresql/root.crt.)
+func checkTLSFiles(connString string) error {
+	if connSetting(connString, "sslmode", "PGSSLMODE") != "disable" {
+		return nil
+	}
+	for _, key := range []string{"sslrootcert", "sslcert", "sslkey"} {
+		if file := connSetting(connString, key, ""); file != "" {
+			return fmt.Errorf("pgstore: sslmode is disable, yet %s is set (%q): the connection would not use TLS and would ignore the file; "+
+				"set sslmode to verify-full (or verify-ca, require) to use it, or leave %s out", key, file, key)
+		}
+	}
+	return nil
+}
+
 // connSetting returns a setting of a connection string, in URL or
 // keyword/value form, or else the environment variable pgx reads for it.
 func connSetting(connString, key, env string) string {
@@ -73,7 +91,7 @@ func connSetting(connString, key, env string) string {
 	} else {
 		settings = keywordValues(connString)
 	}
-	if v, ok := settings[key]; ok {
+	if v, ok := settings[key]; ok || env == "" {
 		return v
 	}
 	return os.Getenv(env)

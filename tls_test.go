@@ -95,6 +95,20 @@ func TestTLS(t *testing.T) {
 			"sslcert", otherCert, "sslkey", otherKey))
 		require.ErrorContains(t, err, "failed to connect")
 	})
+	t.Run("TLS files with sslmode=disable are refused", func(t *testing.T) {
+		t.Parallel()
+		for _, key := range []string{"sslrootcert", "sslcert", "sslkey"} {
+			for _, connString := range []string{
+				srv.connString("127.0.0.1", "sslmode", "disable", key, f.CA),
+				srv.url("127.0.0.1", "sslmode", "disable", key, f.CA),
+			} {
+				_, err := pgstore.Connect(testCtx(t), connString)
+				require.ErrorContains(t, err, fmt.Sprintf("sslmode is disable, yet %s is set (%q)", key, f.CA))
+				_, err = pgstore.Check(testCtx(t), connString)
+				require.ErrorContains(t, err, "sslmode is disable, yet "+key)
+			}
+		}
+	})
 	for _, half := range []struct{ name, given, file, missing string }{
 		{"client certificate without its key", "sslcert", f.ClientCert, "sslkey"},
 		{"client key without its certificate", "sslkey", f.ClientKey, "sslcert"},
