@@ -75,6 +75,53 @@ func ExampleConnect() {
 	// 1 {"hp": 300, "model": "bmw"}
 }
 
+// Settings that arrive apart (host, port, user, password, database, TLS
+// files, pool size: from flags or environment variables, as realtime servers
+// take them) map onto a pgx config: parse an empty connection string for
+// pgx's defaults and the PG* variables, then set the fields. pgx builds the
+// TLS configuration only while it parses, so TLS settings go in the string,
+// as key=value pairs with quoted values.
+func ExampleNew_discreteSettings() {
+	defer exampleSchema("pgstore_example_discrete")()
+	ctx := context.Background()
+	found, err := pgx.ParseConfig(exampleDatabaseURL()) // stands for the settings given
+	if err != nil {
+		log.Fatal(err)
+	}
+	host, port, user, password, database := found.Host, found.Port, found.User, found.Password, found.Database
+	sslmode, poolSize := "prefer", int32(8)
+
+	quote := strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace
+	cfg, err := pgxpool.ParseConfig("sslmode='" + quote(sslmode) + "'") // and sslrootcert, sslcert, sslkey
+	if err != nil {
+		log.Fatal(err)
+	}
+	cfg.ConnConfig.Host = host
+	cfg.ConnConfig.Port = port
+	cfg.ConnConfig.User = user
+	cfg.ConnConfig.Password = password
+	cfg.ConnConfig.Database = database
+	cfg.MaxConns = poolSize
+	cfg.ConnConfig.RuntimeParams["application_name"] = pgstore.DefaultApplicationName // as Connect does
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+
+	c, err := pgstore.New(ctx, pool, pgstore.WithSchema("pgstore_example_discrete"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("pool size:", pool.Config().MaxConns)
+	// Output:
+	// pool size: 8
+}
+
 func ExampleNew() {
 	defer exampleSchema("pgstore_example_new")()
 	ctx := context.Background()
