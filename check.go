@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -173,6 +175,33 @@ func Check(ctx context.Context, connString string, opts ...Option) (Report, erro
 	return c.Check(ctx)
 }
 
+// privilegeFixes returns, for an error that is a missing privilege, the
+// statements that Check prints to grant what the role lacks, as a sentence
+// to append to the error; else "".
+func privilegeFixes(ctx context.Context, pool *pgxpool.Pool, cfg config, err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "42501" {
+		return ""
+	}
+	c := &Connector{pool: pool, cfg: cfg}
+	r := Report{Schema: cfg.schema}
+	for _, check := range []func(context.Context, *Report) error{c.checkServer, c.checkSchema, c.checkOwnership} {
+		if check(ctx, &r) != nil {
+			return ""
+		}
+	}
+	var fixes []string
+	for _, ch := range r.Checks {
+		if !ch.OK && ch.Fix != "" && ch.Name != "temporary tables" { // which costs only speed
+			fixes = append(fixes, ch.Fix)
+		}
+	}
+	if len(fixes) == 0 {
+		return ""
+	}
+	return "; as a role that may, run: " + strings.Join(fixes, " ")
+}
+
 func (r *Report) add(name string, ok bool, detail, fix string) {
 	if ok {
 		fix = ""
@@ -244,6 +273,7 @@ func (c *Connector) checkSchema(ctx context.Context, r *Report) error {
 				fmt.Sprintf("%s does not exist, and role %s may not create schemas in database %s (or have the schema created for the role: CREATE SCHEMA %s AUTHORIZATION %s;)",
 					schema, role, quoteIdent(r.Database), schema, role),
 				fmt.Sprintf("GRANT CREATE ON DATABASE %s TO %s;", quoteIdent(r.Database), role))
+			return nil // the privileges in a schema that cannot be made are moot
 		}
 		r.add("schema privileges", true, fmt.Sprintf("pgstore creates %s, owned by role %s", schema, role), "")
 		r.add("trigger function", true, fmt.Sprintf("pgstore creates %s", function), "")

@@ -193,6 +193,9 @@ func TestCheckRevokedGrants(t *testing.T) {
 	require.Equal(t, fmt.Sprintf("GRANT USAGE, CREATE ON SCHEMA %s TO %s;", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()), failed[0].Fix)
 	require.Contains(t, report.String(), "fix: GRANT USAGE, CREATE ON SCHEMA")
 	require.Error(t, c.Set(ctx, "other/1", 1, 1), "without the grants, pgstore cannot create a table")
+	_, err = pgstore.Connect(ctx, roleURL, pgstore.WithSchema(schema))
+	require.ErrorContains(t, err, "permission denied")
+	require.ErrorContains(t, err, "; as a role that may, run: "+failed[0].Fix, "Connect names the grant that Check prints")
 
 	chkAdmin(t, "REVOKE CREATE ON SCHEMA "+pgx.Identifier{schema}.Sanitize()+" FROM "+pgx.Identifier{role}.Sanitize())
 	chkAdmin(t, "GRANT USAGE ON SCHEMA "+pgx.Identifier{schema}.Sanitize()+" TO "+pgx.Identifier{role}.Sanitize())
@@ -252,6 +255,11 @@ func TestCheckMissingSchema(t *testing.T) {
 	failed := chkFailed(report)
 	require.Len(t, failed, 1, report.String())
 	require.Equal(t, "schema", failed[0].Name)
+	require.Equal(t, []string{"server version", "writable", "temporary tables", "schema"}, chkNames(report)[:4],
+		"no privileges in a schema that cannot be made are reported as ok")
+	require.NotContains(t, chkNames(report), "schema privileges")
+	_, err = pgstore.Connect(ctx, roleURL, pgstore.WithSchema(schema))
+	require.ErrorContains(t, err, "; as a role that may, run: "+failed[0].Fix)
 	require.Contains(t, failed[0].Detail, "may not create schemas")
 	require.Equal(t, fmt.Sprintf("GRANT CREATE ON DATABASE %s TO %s;", pgx.Identifier{report.Database}.Sanitize(), pgx.Identifier{role}.Sanitize()), failed[0].Fix)
 

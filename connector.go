@@ -196,7 +196,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	}
 	state, events, err := prepareSchema(ctx, pool, cfg.schema, cfg.changeLog, chosen, cfg.events)
 	if err != nil {
-		return nil, fmt.Errorf("pgstore: prepare schema %q: %w", cfg.schema, err)
+		return nil, fmt.Errorf("pgstore: prepare schema %q: %w%s", cfg.schema, err, privilegeFixes(ctx, pool, cfg, err))
 	}
 	cfg.events = events // the schema's, as WithEvents last recorded them
 	if cfg.eventsChosen || cfg.changeLog > 0 {
