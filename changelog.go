@@ -475,20 +475,26 @@ func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	measure := func() {
+		var usage float64
+		if err := c.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage); err == nil {
+			c.queueUsage.Store(&measured[float64]{value: usage, at: time.Now()})
+		}
+		if !c.logged.Load() {
+			return
+		}
 		var size int64
 		if err := c.pool.QueryRow(ctx, logSizeSQL(c.cfg.schema)).Scan(&size); err == nil {
-			c.logSize.Store(&logSize{bytes: size, at: time.Now()})
+			c.logSize.Store(&measured[int64]{value: size, at: time.Now()})
 		}
 	}
-	if c.logged.Load() {
-		measure()
-	}
+	measure()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		measure()
 		if !c.logged.Load() {
 			// Another connector may have switched the log on since.
 			if state, err := readLogState(ctx, c.pool, c.cfg.schema); err == nil && state != logNone {
@@ -499,14 +505,13 @@ func (c *Connector) janitorLoop(ctx context.Context, every time.Duration) {
 		if _, err := rotateLog(ctx, c.pool, c.cfg.schema, false); err != nil && ctx.Err() == nil && !isUndefinedTable(err) {
 			c.cfg.logger.Warn("pgstore: change log retention failed; will try again", "schema", c.cfg.schema, "err", err)
 		}
-		measure()
 	}
 }
 
-// A logSize is the log's size on disk as the janitor last measured it, for
-// Stats, which runs no query.
-type logSize struct {
-	bytes int64
+// A measured value is one that the janitor measures for Stats, which runs
+// no query.
+type measured[T any] struct {
+	value T
 	at    time.Time
 }
 

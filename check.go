@@ -95,8 +95,11 @@ const (
 	notifyTimeout = 5 * time.Second
 	// queueWarnUsage is the share of the notification queue above which
 	// Check fails: when the queue is full, every NOTIFY, and so every
-	// write to a pgstore table, fails at commit.
-	queueWarnUsage = 0.5
+	// write to a pgstore table of a schema without a change log, fails at
+	// commit. Readers that keep up leave it near 0; 1% (80 MB of the
+	// default 8 GB) is a session that stopped reading, found long before
+	// it fills the rest.
+	queueWarnUsage = 0.01
 )
 
 // Check verifies what the connector needs from the server, as an operator
@@ -118,7 +121,9 @@ const (
 //   - "LISTEN/NOTIFY": a notification sent on one connection of the pool
 //     reaches another that listens, which a bouncer in transaction mode
 //     prevents.
-//   - "notification queue": the server's queue is at most half full.
+//   - "TLS": whether the connections are encrypted, and how; never failed.
+//   - "notification queue": the server's queue is under 1% full; above,
+//     it names the sessions likely to hold it back.
 //   - "change log": whether the schema has one; if so its retention, its
 //     oldest and newest positions, its size on disk and how far this
 //     connector's subscriptions lag; it fails when a session idle in a
@@ -243,6 +248,24 @@ func (c *Connector) checkServer(ctx context.Context, r *Report) error {
 			fmt.Sprintf("role %s may not create temporary tables in database %s: writes work, "+
 				"but large batches go as array upserts instead of being copied, which is slower", role, database),
 			fmt.Sprintf("GRANT TEMPORARY ON DATABASE %s TO %s;", database, role))
+	}
+	return c.checkTLS(ctx, r)
+}
+
+// checkTLS says how the pool's connections are secured. It fails nothing:
+// whether a connection in clear is acceptable (on a loopback, in a private
+// network) is the operator's call, made with sslmode.
+func (c *Connector) checkTLS(ctx context.Context, r *Report) error {
+	var ssl bool
+	var version, cipher *string
+	err := c.pool.QueryRow(ctx, "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&ssl, &version, &cipher)
+	if err != nil {
+		return err
+	}
+	if ssl && version != nil && cipher != nil {
+		r.add("TLS", true, fmt.Sprintf("connections use %s (%s)", *version, *cipher), "")
+	} else {
+		r.add("TLS", true, "connections are not encrypted (sslmode=disable, or prefer with a server without TLS); set sslmode=verify-full to require it", "")
 	}
 	return nil
 }
@@ -468,14 +491,45 @@ func (c *Connector) checkQueue(ctx context.Context, r *Report) error {
 	if err := c.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage); err != nil {
 		return err
 	}
-	detail := fmt.Sprintf("%.1f%% used", usage*100)
+	detail := fmt.Sprintf("%.2f%% used", usage*100)
 	if usage <= queueWarnUsage {
 		r.add("notification queue", true, detail, "")
 		return nil
 	}
-	r.add("notification queue", false,
-		detail+": a session that LISTENs does not read its notifications (often one left idle in a transaction); when the queue is full, every write to a pgstore table fails",
-		"find the oldest transactions: SELECT pid, usename, application_name, state, xact_start FROM pg_stat_activity WHERE xact_start IS NOT NULL ORDER BY xact_start LIMIT 5;\n"+
-			"then end the culprit's session: SELECT pg_terminate_backend(<pid>);")
+	// The queue is held back by the listening session furthest behind,
+	// which PostgreSQL does not name: one that reads nothing while in a
+	// transaction, or whose client stopped reading its socket.
+	rows, err := c.pool.Query(ctx, `SELECT pid, coalesce(usename, ''), application_name, coalesce(state, ''), wait_event IS NOT DISTINCT FROM 'ClientWrite',
+			coalesce(extract(epoch FROM now() - coalesce(xact_start, state_change)), 0)
+		FROM pg_stat_activity
+		WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' AND (xact_start IS NOT NULL OR wait_event = 'ClientWrite')
+		ORDER BY wait_event IS NOT DISTINCT FROM 'ClientWrite' DESC, xact_start NULLS LAST LIMIT 3`)
+	if err != nil {
+		return err
+	}
+	var suspects []string
+	var (
+		pid              int32
+		user, app, state string
+		clientWrite      bool
+		seconds          float64
+	)
+	_, err = pgx.ForEachRow(rows, []any{&pid, &user, &app, &state, &clientWrite, &seconds}, func() error {
+		what := fmt.Sprintf("%s for %s", state, time.Duration(seconds*float64(time.Second)).Round(time.Second))
+		if clientWrite {
+			what = "waiting for its client to read"
+		}
+		suspects = append(suspects, fmt.Sprintf("pid %d (user %q, application %q, %s)", pid, user, app, what))
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	detail += ": a session that LISTENs does not read its notifications; when the queue is full, every write to a pgstore table without a change log fails"
+	if len(suspects) > 0 {
+		detail += "; likely holding it: " + strings.Join(suspects, ", ")
+	}
+	r.add("notification queue", false, detail,
+		"end the session that holds the queue back: SELECT pg_terminate_backend(<pid>); and set idle_in_transaction_session_timeout for its role")
 	return nil
 }

@@ -25,7 +25,7 @@ import (
 
 // checkNames are the checks of every report, in order.
 var checkNames = []string{
-	"server version", "writable", "temporary tables", "schema", "schema privileges", "trigger function",
+	"server version", "writable", "temporary tables", "TLS", "schema", "schema privileges", "trigger function",
 	"table ownership", "LISTEN/NOTIFY", "notification queue", "change log",
 }
 
@@ -103,7 +103,7 @@ func TestCheckSuperuser(t *testing.T) {
 	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
 	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
 	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
-	require.Contains(t, report.String(), "all 10 checks passed")
+	require.Contains(t, report.String(), "all 11 checks passed")
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
 	// pool, making room for the NOTIFY.
@@ -255,7 +255,7 @@ func TestCheckMissingSchema(t *testing.T) {
 	failed := chkFailed(report)
 	require.Len(t, failed, 1, report.String())
 	require.Equal(t, "schema", failed[0].Name)
-	require.Equal(t, []string{"server version", "writable", "temporary tables", "schema"}, chkNames(report)[:4],
+	require.Equal(t, []string{"server version", "writable", "temporary tables", "TLS", "schema"}, chkNames(report)[:5],
 		"no privileges in a schema that cannot be made are reported as ok")
 	require.NotContains(t, chkNames(report), "schema privileges")
 	_, err = pgstore.Connect(ctx, roleURL, pgstore.WithSchema(schema))

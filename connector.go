@@ -110,8 +110,10 @@ type Connector struct {
 	subs         map[string]map[*Subscription]struct{} // of the NOTIFY feed, by schema
 	logSubs      map[string]map[*Subscription]struct{} // following a log, by channel
 
-	logged      atomic.Bool // the schema has a change log
-	logSize     atomic.Pointer[logSize]
+	logged atomic.Bool // the schema has a change log
+	// Measured by the janitor, for Stats.
+	logSize     atomic.Pointer[measured[int64]]
+	queueUsage  atomic.Pointer[measured[float64]]
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
 

@@ -42,6 +42,15 @@ type Stats struct {
 	Subscriptions                       int
 	EventsDelivered, Resyncs, Overflows int64
 
+	// NotifyQueueUsage is the share of the server's notification queue in
+	// use (pg_notification_queue_usage), as measured at NotifyQueueAt,
+	// once a janitor interval (at most a minute). Near 0 when every
+	// listening session reads; a session that stops reading makes it
+	// grow, and when it is full every NOTIFY, and so every write to a
+	// schema without a change log, fails (Check names the suspects).
+	NotifyQueueUsage float64
+	NotifyQueueAt    time.Time
+
 	// Log is the schema's change log, nil without one.
 	Log *LogStats
 }
@@ -136,10 +145,13 @@ func (c *Connector) Stats() Stats {
 		}
 	}
 	c.subsMu.RUnlock()
+	if q := c.queueUsage.Load(); q != nil {
+		st.NotifyQueueUsage, st.NotifyQueueAt = q.value, q.at
+	}
 	if c.logged.Load() {
 		st.Log = &LogStats{Lags: lags}
 		if size := c.logSize.Load(); size != nil {
-			st.Log.Bytes, st.Log.BytesAt = size.bytes, size.at
+			st.Log.Bytes, st.Log.BytesAt = size.value, size.at
 		}
 	}
 	return st

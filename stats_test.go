@@ -20,6 +20,8 @@ func TestStatsCountWritesFailuresAndTheListener(t *testing.T) {
 	require.Zero(t, st.Flushes)
 	require.False(t, st.Listener.Listening, "no LISTEN connection before the first Subscribe")
 	require.Nil(t, st.Log)
+	waitUntil(t, ctx, "the janitor measures the notification queue", func() bool { return !c.Stats().NotifyQueueAt.IsZero() })
+	require.Less(t, c.Stats().NotifyQueueUsage, 0.5)
 
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
