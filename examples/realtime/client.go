@@ -94,6 +94,7 @@ func (c *client) writeLoop() {
 				c.close()
 				return
 			}
+			c.s.stats.sent.Add(1)
 		case <-ping.C:
 			ctx, cancel := context.WithTimeout(c.ctx, writeTimeout)
 			err := c.conn.Ping(ctx)
@@ -151,6 +152,7 @@ func (c *client) replyError(req *request, err error) {
 		pe = errorf(codeUnavailable, "internal error")
 	}
 	r := errorReply{Type: "error", Code: pe.code, Message: pe.msg, Version: pe.version}
+	c.s.stats.errorSent(pe.code)
 	if req != nil {
 		r.ID, r.Key, r.Table = req.ID, req.Key, req.Table
 	}
@@ -186,6 +188,7 @@ func (c *client) handle(typ websocket.MessageType, data []byte) {
 	// Every message counts, whatever it holds: answering bad ones costs
 	// the node too.
 	allowed := c.rate.allow(time.Now())
+	c.s.stats.received.Add(1)
 	if typ != websocket.MessageText {
 		c.replyError(nil, errorf(codeBadMessage, "send JSON in text messages"))
 		return

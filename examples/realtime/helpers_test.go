@@ -49,12 +49,19 @@ func startNode(t testing.TB, schema string, opts ...pgstore.Option) *node {
 // startNodeLimits is startNode with limits for its clients.
 func startNodeLimits(t testing.TB, schema string, limits Limits, opts ...pgstore.Option) *node {
 	t.Helper()
+	return startNodeURL(t, pgtest.URL(t), schema, limits, opts...)
+}
+
+// startNodeURL is startNodeLimits on the server at url, such as a
+// pgtest.Proxy's.
+func startNodeURL(t testing.TB, url, schema string, limits Limits, opts ...pgstore.Option) *node {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	// The default pool (4 connections here) would make the load test
 	// measure waits for a connection.
-	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
+	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		t.Fatal(err)
 	}

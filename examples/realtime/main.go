@@ -7,7 +7,8 @@
 //	go run ./examples/realtime -addr :8081
 //
 // Its settings are flags, each with an environment variable that stands in
-// for it; see README.md for them and for the protocol.
+// for it; see README.md for them, for the protocol, and for the metrics and
+// health it serves at /metrics and /healthz.
 package main
 
 import (
@@ -78,6 +79,11 @@ func run(ctx context.Context, s *settings, logger *slog.Logger) error {
 
 	srv := NewServer(PGStore{store}, s.limits, logger)
 	defer srv.Close()
+	// Before serving, so that /healthz is healthy from the first probe
+	// and a feed that cannot start ends the command at once.
+	if err := srv.Start(ctx); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", s.addr)
 	if err != nil {
 		return err

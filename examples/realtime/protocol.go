@@ -117,6 +117,12 @@ const (
 	codeUnavailable  = "unavailable"   // the storage failed or the server is closing
 )
 
+// errorCodes are all the codes, for the count of each at /metrics.
+var errorCodes = []string{
+	codeBadMessage, codeUnknownType, codeBadKey, codeBadTable, codeBadValue, codeTooLarge,
+	codeStaleVersion, codeTooMany, codeRateLimited, codeUnavailable,
+}
+
 // A protocolError is answered to the client with its code and message.
 type protocolError struct {
 	code, msg string

@@ -6,6 +6,7 @@ import (
 	_ "embed"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"hash/maphash"
 	"log/slog"
 	"maps"
@@ -30,9 +31,10 @@ const (
 	opTimeout  = 10 * time.Second // of one storage call
 )
 
-// A Server is one node of a realtime cluster: it serves the page at "/" and
-// WebSocket clients at "/ws", writes through its Storage and pushes every
-// change of a subscribed record to its clients, whichever node made it.
+// A Server is one node of a realtime cluster: it serves the page at "/",
+// WebSocket clients at "/ws", its metrics at "/metrics" and its health at
+// "/healthz", writes through its Storage and pushes every change of a
+// subscribed record to its clients, whichever node made it.
 type Server struct {
 	storage Storage
 	limits  Limits
@@ -40,6 +42,8 @@ type Server struct {
 	ctx     context.Context // ends with Close
 	cancel  context.CancelFunc
 	seed    maphash.Seed
+	stats   *serverStats
+	metrics http.Handler
 
 	mu      sync.Mutex
 	closed  bool
@@ -49,7 +53,7 @@ type Server struct {
 	conns   sync.WaitGroup
 
 	feedMu     sync.Mutex
-	feed       *pgstore.Subscription // started by the first subscribe
+	feed       *pgstore.Subscription // started by Start or the first subscribe
 	feedClosed bool
 
 	queues  [shards]chan job
@@ -86,7 +90,9 @@ func NewServer(storage Storage, limits Limits, logger *slog.Logger) *Server {
 		clients: make(map[*client]struct{}),
 		keys:    make(map[string]map[*client]struct{}),
 		tables:  make(map[string]map[*client]struct{}),
+		stats:   newServerStats(),
 	}
+	s.metrics = newMetricsHandler(s)
 	for i := range s.queues {
 		s.queues[i] = make(chan job, shardQueue)
 		s.workers.Add(1)
@@ -95,7 +101,16 @@ func NewServer(storage Storage, limits Limits, logger *slog.Logger) *Server {
 	return s
 }
 
-// ServeHTTP serves the page at "/" and the WebSocket endpoint at "/ws".
+// Start subscribes the node to its storage's change feed, which the first
+// client subscription does otherwise: a feed that cannot start then fails at
+// startup rather than at the first client, and /healthz, which reports a
+// feed not started as unhealthy, can be healthy before any client came.
+func (s *Server) Start(ctx context.Context) error {
+	return s.startFeed(ctx)
+}
+
+// ServeHTTP serves the page at "/", the WebSocket endpoint at "/ws", the
+// metrics at "/metrics" and the health at "/healthz".
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/":
@@ -113,6 +128,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Write(indexHTML)
 	case "/ws":
 		s.serveWS(w, r)
+	case "/metrics":
+		s.metrics.ServeHTTP(w, r)
+	case "/healthz":
+		s.serveHealth(w, r)
 	default:
 		http.NotFound(w, r)
 	}
@@ -172,6 +191,8 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	for table := range c.tables {
 		s.removeLocked(s.tables, table, c)
 	}
+	s.stats.subscribed(false, -int64(len(c.keys)))
+	s.stats.subscribed(true, -int64(len(c.tables)))
 	s.mu.Unlock()
 	s.log.Debug("client disconnected", "remote", r.RemoteAddr, "cause", context.Cause(c.ctx))
 }
@@ -190,26 +211,38 @@ func (s *Server) subscribe(ctx context.Context, c *client, name string, table bo
 		s.mu.Unlock()
 		return errorf(codeTooMany, "a connection may hold at most %d subscriptions; unsubscribe from one first", s.limits.MaxSubscriptions)
 	}
-	set[name] = true
+	if !set[name] {
+		set[name] = true
+		s.stats.subscribed(table, 1)
+	}
 	if index[name] == nil {
 		index[name] = make(map[*client]struct{})
 	}
 	index[name][c] = struct{}{}
 	s.mu.Unlock()
-	return s.startFeed(ctx)
+	switch err := s.startFeed(ctx); {
+	case errors.Is(err, errClosing):
+		return errorf(codeUnavailable, "server closing")
+	case err != nil:
+		s.log.Error("cannot subscribe to the change feed", "err", err)
+		return errorf(codeUnavailable, "change feed unavailable; try again")
+	}
+	return nil
 }
 
 // unsubscribe removes c from the subscribers of a key or table, and forgets
 // what c was sent of records no subscription covers any more.
 func (s *Server) unsubscribe(c *client, name string, table bool) {
 	s.mu.Lock()
+	set, index := c.keys, s.keys
 	if table {
-		delete(c.tables, name)
-		s.removeLocked(s.tables, name, c)
-	} else {
-		delete(c.keys, name)
-		s.removeLocked(s.keys, name, c)
+		set, index = c.tables, s.tables
 	}
+	if set[name] {
+		delete(set, name)
+		s.stats.subscribed(table, -1)
+	}
+	s.removeLocked(index, name, c)
 	keys, tables := maps.Clone(c.keys), maps.Clone(c.tables)
 	s.mu.Unlock()
 	c.forget(func(key string) bool { return !keys[key] && !tables[tableOf(key)] })
@@ -222,13 +255,15 @@ func (s *Server) removeLocked(index map[string]map[*client]struct{}, name string
 	}
 }
 
+var errClosing = errors.New("server closing")
+
 // startFeed subscribes to the storage's changes once; Subscribe returns when
 // the feed listens.
 func (s *Server) startFeed(ctx context.Context) error {
 	s.feedMu.Lock()
 	defer s.feedMu.Unlock()
 	if s.feedClosed {
-		return errorf(codeUnavailable, "server closing")
+		return errClosing
 	}
 	if s.feed != nil {
 		return nil
@@ -237,11 +272,17 @@ func (s *Server) startFeed(ctx context.Context) error {
 	defer cancel()
 	feed, err := s.storage.Subscribe(ctx, s.onEvent)
 	if err != nil {
-		s.log.Error("cannot subscribe to the change feed", "err", err)
-		return errorf(codeUnavailable, "change feed unavailable; try again")
+		return fmt.Errorf("subscribe to the change feed: %w", err)
 	}
 	s.feed = feed
 	return nil
+}
+
+// feedStarted reports whether the change feed runs.
+func (s *Server) feedStarted() bool {
+	s.feedMu.Lock()
+	defer s.feedMu.Unlock()
+	return s.feed != nil
 }
 
 // onEvent runs on the feed's goroutine, one event at a time in commit order.

@@ -26,6 +26,20 @@ type Lister interface {
 	List(ctx context.Context, table string, limit int) ([]Entry, error)
 }
 
+// A StatsSource is a Storage that reports what it is doing, as
+// *pgstore.Connector does: its figures are served at /metrics, and its
+// listener's state is part of /healthz. A Storage that is not one has only
+// the server's own figures.
+type StatsSource interface {
+	Stats() pgstore.Stats
+}
+
+// A Pinger is a Storage that can tell whether its database answers, for
+// /healthz. A Storage that is not one is taken to be connected.
+type Pinger interface {
+	Ping(ctx context.Context) error
+}
+
 // An Entry is a record with its key.
 type Entry struct {
 	Key     string          `json:"key"`
@@ -38,7 +52,11 @@ type PGStore struct {
 	*pgstore.Connector
 }
 
-var _ Lister = PGStore{}
+var (
+	_ Lister      = PGStore{}
+	_ StatsSource = PGStore{}
+	_ Pinger      = PGStore{}
+)
 
 // List reads the first records of a table, reading only what is durable.
 func (p PGStore) List(ctx context.Context, table string, limit int) ([]Entry, error) {
@@ -51,4 +69,13 @@ func (p PGStore) List(ctx context.Context, table string, limit int) ([]Entry, er
 		entries[i] = Entry{Key: r.Key, Version: r.Version, Value: r.Value}
 	}
 	return entries, nil
+}
+
+// Ping sends an empty statement (as pgx's Ping does) through the connector's
+// pool: it answers once a connection can be had and the server responds.
+func (p PGStore) Ping(ctx context.Context) error {
+	if _, err := p.Connector.Exec(ctx, "-- ping"); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	return nil
 }
