@@ -293,7 +293,7 @@ func TestChangeLogFaultOutOfOrderCommitWaitsAtTheHeadAndIsDeliveredInCommitOrder
 	got := newFaultRecorder()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 
 	raw, err := pool.Begin(ctx)
 	require.NoError(t, err)
@@ -427,7 +427,7 @@ func TestChangeLogFaultRandomWritersGiveAGaplessLogDeliveredInCommitOrder(t *tes
 	got := newFaultRecorder()
 	sub, err := conns[1].Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.Zero(t, logHead(t, pool, schema).position)
 	for _, table := range []string{"a", "b"} {
 		require.NoError(t, conns[0].Set(ctx, table+"/seed", 0, "seed"))
@@ -532,7 +532,7 @@ func TestChangeLogFaultKilledListenersCostNoEventAndNoResync(t *testing.T) {
 	}{{conns[0], all1, nil}, {conns[0], onlyB, []pgstore.Filter{pgstore.ForTables("b")}}, {conns[1], all2, nil}} {
 		sub, err := s.c.Subscribe(ctx, s.r.handle, s.filters...)
 		require.NoError(t, err)
-		defer sub.Close()
+		defer sub.Close(context.Background())
 	}
 
 	const rounds, perRound = 10, 2000
@@ -601,7 +601,7 @@ func TestChangeLogFaultASlowHandlerLagsInBoundedMemoryAndCatchesUp(t *testing.T)
 		got.handle(e)
 	})
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	var opened sync.Once
 	defer opened.Do(func() { close(gate) })
 
@@ -680,7 +680,7 @@ func TestChangeLogFaultEventValuesAreTheValuesWrittenUpToMegabytes(t *testing.T)
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 
 	big := func() string {
 		return `{"blob": "` + randomASCII(t, 3_000_000) + `", "n": [1, 2, 3]}`
@@ -766,7 +766,7 @@ func TestChangeLogFaultRotationsFromTwoConnectorsTakeTurnsAndKeepTheRetained(t *
 	live := newFaultRecorder()
 	sub, err := c2.Subscribe(ctx, live.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	results := setMany(ctx, c1, "k", 10)
 	waitAll(t, results)
 	live.waitForPosition(t, ctx, logHead(t, pool, schema).position)
@@ -862,13 +862,13 @@ func TestChangeLogFaultRotationsFromTwoConnectorsTakeTurnsAndKeepTheRetained(t *
 	resumed := newFaultRecorder()
 	sub2, err := c1.Subscribe(ctx, resumed.handle, pgstore.After(last.cursor))
 	require.NoError(t, err)
-	defer sub2.Close()
+	defer sub2.Close(context.Background())
 	requireTheLog(t, resumed.waitFor(t, ctx, 5), entries, "resumed at the retention's edge")
 	expired := newFaultRecorder()
 	before := last.cursor[:strings.IndexByte(last.cursor, '.')+1] + strconv.FormatInt(last.pos-1, 10)
 	sub3, err := c1.Subscribe(ctx, expired.handle, pgstore.After(before))
 	require.NoError(t, err)
-	defer sub3.Close()
+	defer sub3.Close(context.Background())
 	e := expired.waitFor(t, ctx, 1)[0]
 	require.Equal(t, pgstore.Resync, e.typ)
 	require.ErrorIs(t, e.reason, pgstore.ErrCursorExpired)
@@ -914,7 +914,7 @@ func TestChangeLogFaultDropTableIsLoggedAndSwitchingTheLogOnTakesInExistingTable
 	got := newFaultRecorder()
 	sub, err := logged.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, logged.Set(ctx, "old/1", 2, "after the log"))
 	require.NoError(t, plain.Set(ctx, "old/2", 1, "from the connector that connected before the log"))
 	require.NoError(t, plain.Delete(ctx, "old/1"))
@@ -954,7 +954,7 @@ func TestChangeLogFaultAFeedSubscribedBeforeTheLogIsSwitchedOnIsNotLeftSilent(t 
 	got := newFaultRecorder()
 	sub, err := plain.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, plain.Set(ctx, "t/1", 1, 1))
 	require.Len(t, got.waitFor(t, ctx, 2), 2) // CREATE_TABLE and INSERT, by NOTIFY
 
@@ -962,7 +962,7 @@ func TestChangeLogFaultAFeedSubscribedBeforeTheLogIsSwitchedOnIsNotLeftSilent(t 
 	follower := newFaultRecorder()
 	sub2, err := logged.Subscribe(ctx, follower.handle)
 	require.NoError(t, err)
-	defer sub2.Close()
+	defer sub2.Close(context.Background())
 	require.NoError(t, plain.Set(ctx, "t/2", 1, 2))
 	follower.waitFor(t, ctx, 1) // in the log, committed
 
@@ -1010,7 +1010,7 @@ func TestChangeLogFaultFilteredSubscriptionsSkipOthersEntriesAndGetTheirs(t *tes
 		subs[i].r = newFaultRecorder()
 		sub, err := c.Subscribe(ctx, subs[i].r.handle, subs[i].filters...)
 		require.NoError(t, err)
-		defer sub.Close()
+		defer sub.Close(context.Background())
 	}
 
 	waitAll(t, setMany(ctx, c, "a", 1200)) // pages of entries of a alone
@@ -1058,7 +1058,7 @@ func TestChangeLogFaultARawUpdateDoesNotDeadlockWithAConnectorsBatch(t *testing.
 	got := newFaultRecorder()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 
 	conn, err := pool.Acquire(ctx)
 	require.NoError(t, err)

@@ -53,7 +53,7 @@ func TestASwitchToTheLogThatStopsHalfwayLosesNothing(t *testing.T) {
 	got := newEventLog()
 	sub, err := reader.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, plain.Set(ctx, "t/b", 1, 2))
 	waitForEvent(t, got, func(e pgstore.Event) bool { return e.Key == "t/b" && e.Cursor != "" })
 
@@ -96,7 +96,7 @@ func TestAChangeDuringTheSwitchReachesASubscriptionMadeMeanwhile(t *testing.T) {
 	got := newEventLog()
 	sub, err := reader.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, plain.Set(ctx, "c/1", 2, 2)) // c still has only its NOTIFY triggers
 	waitForEvent(t, got, keyIs("c/1"))
 	require.NoError(t, blocker.Rollback(ctx))
@@ -117,7 +117,7 @@ func TestANotifySubscriptionThatMissedTheSwitchFindsTheLogWhenItReconnects(t *te
 	got := newEventLog()
 	sub, err := node.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 
 	proxy.Cut() // the announcement of the log will not reach this node
 	logged := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour))
@@ -136,7 +136,7 @@ func TestALogSubscriptionGoesOnWhenItsSchemaIsMadeAgain(t *testing.T) {
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, c.DestroySchema(ctx, schema))
 	waitForEvent(t, got, func(e pgstore.Event) bool { return e.Type == pgstore.Resync })
 

@@ -1,6 +1,7 @@
 package pgstore_test
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
@@ -57,7 +58,7 @@ func TestTheChangeLogDeliversValuesCursorsAndOffsetsInCommitOrder(t *testing.T) 
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]string{"model": "i3"}))
 	require.NoError(t, c.Set(ctx, "cars/bmw", 2, map[string]string{"model": "i4"}))
@@ -98,7 +99,7 @@ func TestASubscriptionResumesExactlyAfterASavedCursor(t *testing.T) {
 		require.NoError(t, c.Set(ctx, fmt.Sprintf("k/%d", i), 1, i))
 	}
 	events := first.waitFor(t, 11) // CREATE_TABLE and ten inserts
-	sub.Close()
+	sub.Close(context.Background())
 	saved := events[5].Cursor // as a process saves it before it stops
 
 	// Another process, later: it resumes after the saved cursor.
@@ -106,7 +107,7 @@ func TestASubscriptionResumesExactlyAfterASavedCursor(t *testing.T) {
 	resumed := newEventLog()
 	sub, err = again.Subscribe(ctx, resumed.handle, pgstore.After(saved))
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	got := resumed.waitFor(t, 5)
 	for i, e := range got {
 		require.Equal(t, events[6+i].Cursor, e.Cursor)
@@ -152,7 +153,7 @@ func TestAnExpiredCursorGetsOneResyncAndListThenCatchesUpExactly(t *testing.T) {
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle, pgstore.After(old))
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	resync := got.waitFor(t, 1)[0]
 	require.Equal(t, pgstore.Resync, resync.Type)
 	require.ErrorIs(t, resync.Reason, pgstore.ErrCursorExpired)
@@ -169,7 +170,7 @@ func TestAnExpiredCursorGetsOneResyncAndListThenCatchesUpExactly(t *testing.T) {
 	follow := newEventLog()
 	sub2, err := c.Subscribe(ctx, follow.handle, pgstore.After(at))
 	require.NoError(t, err)
-	defer sub2.Close()
+	defer sub2.Close(context.Background())
 	e := follow.waitFor(t, 1)[0]
 	state[e.Key] = string(e.Value)
 	require.Equal(t, map[string]string{"k/0": `"changed"`, "k/2": `"after"`, "k/3": `3`, "k/4": `4`}, state)

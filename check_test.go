@@ -156,7 +156,7 @@ func TestCheckLeastPrivilege(t *testing.T) {
 	events := make(chan pgstore.Event, 16)
 	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.ForEvents(pgstore.Insert))
 	require.NoError(t, err)
-	t.Cleanup(sub.Close)
+	t.Cleanup(func() { sub.Close(context.Background()) })
 	chkSetGetDelete(t, c)
 	select {
 	case e := <-events:

@@ -427,7 +427,7 @@ func ExampleConnector_Subscribe() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	// Every change committed after Subscribe returns is delivered, from
 	// this connector or any other on the schema.
@@ -464,7 +464,7 @@ func ExampleForTables() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	if err := c.Set(ctx, "bikes/bmx", 1, "not for this subscription"); err != nil {
 		log.Fatal(err)
@@ -495,7 +495,7 @@ func ExampleForEvents() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	for version := int64(1); version <= 2; version++ {
 		if err := c.Set(ctx, "cars/bmw", version, car{Model: "bmw", HP: 300}); err != nil {
@@ -535,7 +535,7 @@ func ExampleForSchema() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	if err := shop.Set(ctx, "orders/1", 1, map[string]int{"total": 42}); err != nil {
 		log.Fatal(err)
@@ -562,7 +562,7 @@ func ExampleWithEvents() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	for version := int64(1); version <= 2; version++ {
 		if err := c.Set(ctx, "cars/bmw", version, car{Model: "bmw", HP: 300}); err != nil {
@@ -1102,14 +1102,14 @@ func ExampleWithChangeLog() {
 	first := <-events
 	fmt.Println(first.Type, first.Key, first.Offset, string(first.Value))
 	<-events
-	sub.Close()
+	sub.Close(ctx)
 
 	// Later, perhaps in another process: resume after a saved cursor.
 	resumed, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.After(first.Cursor))
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer resumed.Close()
+	defer resumed.Close(ctx)
 	again := <-events
 	fmt.Println(again.Type, again.Key, again.Offset, string(again.Value))
 	// Output:
@@ -1143,7 +1143,7 @@ func ExampleAfter() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 	if err := c.Set(ctx, "cars/audi", 1, car{Model: "audi", HP: 250}); err != nil {
 		log.Fatal(err)
 	}
@@ -1229,7 +1229,7 @@ func ExampleConnector_Stats() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 	for i := range 3 {
 		if err := c.Set(ctx, "cars/bmw", int64(i+1), car{Model: "bmw", HP: 300 + i}); err != nil {
 			log.Fatal(err)

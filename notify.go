@@ -376,8 +376,8 @@ type Subscription struct {
 // Each subscription has its own goroutine and a bounded queue, so a slow
 // handler delays only itself; if its queue overflows it receives a Resync in
 // place of what was dropped. A handler that panics is recovered, the panic
-// logged, and the subscription goes on. ctx bounds only the setup; Close ends
-// the subscription.
+// logged, and the subscription goes on. ctx bounds only the setup: cancelling
+// it later changes nothing; Close ends the subscription.
 //
 // On a schema with a change log (see WithChangeLog), the subscription reads
 // the log instead, from its end or from After(cursor): it lags behind a slow
@@ -448,10 +448,16 @@ func (c *Connector) Subscribe(ctx context.Context, handler func(Event), filters 
 	return s, nil
 }
 
-// Close stops the subscription. Once Close returns the handler is not called
-// again; called from the handler itself, Close returns at once.
-func (s *Subscription) Close() {
-	s.close(true)
+// Close stops the subscription: no handler call starts once it returns. It
+// waits for a call in progress to return, until ctx ends; it then returns
+// ctx's error, and that call is the last. Called from the handler itself, it
+// returns at once.
+func (s *Subscription) Close(ctx context.Context) error {
+	s.stop(true)
+	if err := s.wait(ctx); err != nil {
+		return fmt.Errorf("pgstore: Subscription.Close: the handler has not returned: %w", err)
+	}
+	return nil
 }
 
 func (s *Subscription) close(unlisten bool) {

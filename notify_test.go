@@ -36,7 +36,7 @@ func subscribe(t testing.TB, c *pgstore.Connector, filters ...pgstore.Filter) *f
 	sub, err := c.Subscribe(context.Background(), func(e pgstore.Event) { f.events <- e }, filters...)
 	require.NoError(t, err)
 	f.sub = sub
-	t.Cleanup(sub.Close)
+	t.Cleanup(func() { sub.Close(context.Background()) })
 	return f
 }
 
@@ -377,7 +377,7 @@ func TestFeedOneListenConnectionForManySubscriptions(t *testing.T) {
 			}
 		})
 		require.NoError(t, err)
-		t.Cleanup(sub.Close)
+		t.Cleanup(func() { sub.Close(context.Background()) })
 	}
 	require.Len(t, listenerPIDs(t, schema), 1)
 	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
@@ -469,7 +469,7 @@ func TestFeedSlowSubscriberGetsResyncInsteadOfAGap(t *testing.T) {
 		events <- e
 	}, pgstore.ForEvents(pgstore.Insert))
 	require.NoError(t, err)
-	t.Cleanup(sub.Close)
+	t.Cleanup(func() { sub.Close(context.Background()) })
 	fast := subscribe(t, c, pgstore.ForEvents(pgstore.Insert))
 
 	// Long ids make many notifications: more than the slow queue holds.
@@ -524,7 +524,7 @@ func TestFeedHandlerPanicIsRecovered(t *testing.T) {
 		events <- e
 	}, pgstore.ForEvents(pgstore.Insert))
 	require.NoError(t, err)
-	t.Cleanup(sub.Close)
+	t.Cleanup(func() { sub.Close(context.Background()) })
 	require.NoError(t, c.Set(ctx, "t/boom", 1, 1))
 	require.NoError(t, c.Set(ctx, "t/fine", 1, 1))
 	require.Equal(t, "t/fine", (<-events).Key)
@@ -547,13 +547,13 @@ func TestFeedNoHandlerCallAfterClose(t *testing.T) {
 	for i := range 50 {
 		c.SetAsync(ctx, fmt.Sprintf("t/%d", i), 1, i)
 	}
-	sub.Close()
+	sub.Close(context.Background())
 	closed.Store(true)
 	require.NoError(t, c.Set(ctx, "t/last", 1, 1))
 	for e := witness.next(); e.Key != "t/last"; e = witness.next() {
 	}
 	require.Zero(t, late.Load())
-	sub.Close() // twice is fine
+	sub.Close(context.Background()) // twice is fine
 
 	// Close from inside the handler returns, and ends the calls.
 	var calls atomic.Int32
@@ -562,7 +562,7 @@ func TestFeedNoHandlerCallAfterClose(t *testing.T) {
 	self, err = c.Subscribe(ctx, func(pgstore.Event) {
 		<-ready
 		calls.Add(1)
-		self.Close()
+		self.Close(context.Background())
 	}, pgstore.ForEvents(pgstore.Insert))
 	require.NoError(t, err)
 	close(ready)
@@ -570,7 +570,7 @@ func TestFeedNoHandlerCallAfterClose(t *testing.T) {
 	require.NoError(t, c.Set(ctx, "t/y", 1, 1))
 	for e := witness.next(); e.Key != "t/y"; e = witness.next() {
 	}
-	self.Close()
+	self.Close(context.Background())
 	require.Equal(t, int32(1), calls.Load())
 }
 
@@ -610,7 +610,7 @@ func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 		events <- e
 	})
 	require.NoError(t, err)
-	t.Cleanup(sub.Close)
+	t.Cleanup(func() { sub.Close(context.Background()) })
 
 	pids := listenerPIDs(t, schema)
 	require.Len(t, pids, 1)
@@ -650,6 +650,33 @@ func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.ErrorContains(t, err, "handler is still running")
 	close(release) // the handler returns; its goroutine ends (goleak checks)
+}
+
+func TestSubscriptionCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c := connect(t)
+	stuck, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) {
+		if calls.Add(1) == 1 {
+			close(stuck)
+			<-release
+		}
+	})
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
+	require.NoError(t, c.Set(ctx, "t/b", 1, 1))
+	<-stuck
+
+	closeCtx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	err = sub.Close(closeCtx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "the handler has not returned")
+	close(release)
+	require.NoError(t, sub.Close(ctx), "once the handler returned")
+	require.Equal(t, int32(1), calls.Load(), "the call in progress was the last")
 }
 
 // Statement-level triggers: a flush of 5,000 rows sends a few notifications
@@ -715,7 +742,7 @@ func TestAPoolWithItsOwnNotificationHandlerStillFeedsSubscriptions(t *testing.T)
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, c.Set(ctx, "own/k", 1, 1))
 	events := got.waitFor(t, 2)
 	require.Equal(t, pgstore.Insert, events[1].Type)

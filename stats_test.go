@@ -26,7 +26,7 @@ func TestStatsCountWritesFailuresAndTheListener(t *testing.T) {
 	got := newEventLog()
 	sub, err := c.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	require.NoError(t, c.Set(ctx, "t/a", 2, "a"))
 	require.NoError(t, c.Set(ctx, "t/b", 1, "b"))
 	require.ErrorIs(t, c.Set(ctx, "t/a", 1, "stale"), pgstore.ErrVersionConflict)
@@ -52,7 +52,7 @@ func TestStatsCountWritesFailuresAndTheListener(t *testing.T) {
 	})
 	waitUntil(t, ctx, "the Resync of the reconnection", func() bool { return c.Stats().Resyncs == 1 })
 
-	sub.Close()
+	sub.Close(context.Background())
 	require.Zero(t, c.Stats().Subscriptions)
 }
 
@@ -89,7 +89,7 @@ func TestStatsShowTheLogAndHowFarASlowSubscriptionIsBehind(t *testing.T) {
 		}
 	}, pgstore.After(before))
 	require.NoError(t, err)
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	<-first
 	st := c.Stats()
 	require.Len(t, st.Log.Lags, 1)

@@ -177,7 +177,7 @@ func (e *env) pgstoreChangeSide(ctx context.Context, logged bool) (*changeSide, 
 		return c.Set(ctx, table+"/"+id, version, val)
 	}
 	side.stop = func() {
-		sub.Close()
+		sub.Close(context.Background())
 		c.close()
 		if listener != c {
 			listener.close()

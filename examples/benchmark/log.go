@@ -120,7 +120,7 @@ func replayFigure(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	warm.Close()
+	warm.Close(context.Background())
 	if _, err := e.rawReplay(ctx, from, to); err != nil {
 		return err
 	}
@@ -188,14 +188,14 @@ func replaySubscription(ctx context.Context, c *store, start, end string, n int)
 	select {
 	case <-done:
 	case <-timer.C:
-		sub.Close()
+		sub.Close(context.Background())
 		return 0, fmt.Errorf("pgstore: the last of %d entries not delivered within %v", n, replayTimeout)
 	case <-ctx.Done():
-		sub.Close()
+		sub.Close(context.Background())
 		return 0, ctx.Err()
 	}
 	elapsed := time.Since(t0)
-	sub.Close()
+	sub.Close(context.Background())
 	if ev := bad.Load(); ev != nil {
 		return 0, fmt.Errorf("pgstore: Resync during the replay: %v", ev.Reason)
 	}
@@ -389,7 +389,7 @@ func pgstoreFollowers(ctx context.Context, subs []*store, table string, want int
 	var subscriptions []*pgstore.Subscription
 	stop := func() {
 		for _, s := range subscriptions {
-			s.Close()
+			s.Close(context.Background())
 		}
 	}
 	for _, s := range subs {
@@ -518,7 +518,7 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 	var subscriptions []*pgstore.Subscription
 	closeAll := func() {
 		for _, s := range subscriptions {
-			s.Close() // waits for a handler call in progress
+			s.Close(context.Background()) // waits for a handler call in progress
 		}
 		subscriptions = nil
 	}

@@ -49,7 +49,7 @@ func run(ctx context.Context, url string) error {
 	if err != nil {
 		return err
 	}
-	defer sub.Close()
+	defer sub.Close(ctx)
 
 	car := map[string]any{"make": "BMW", "model": "i4", "hp": 340}
 	if err := store.Set(ctx, "cars/bmw", 1, car); err != nil {

@@ -154,7 +154,7 @@ func (s *Server) Close() error {
 	s.feed, s.feedClosed = nil, true
 	s.feedMu.Unlock()
 	if feed != nil {
-		feed.Close()
+		feed.Close(context.Background())
 	}
 	s.workers.Wait()
 	return nil

@@ -55,7 +55,7 @@ func tail(ctx context.Context, url, schema, from string) error {
 	if err != nil {
 		return err
 	}
-	defer sub.Close()
+	defer sub.Close(context.Background())
 	fmt.Fprintf(os.Stderr, "listening to schema %q; Ctrl-C to stop\n", schema)
 	<-ctx.Done()
 	return nil
