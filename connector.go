@@ -265,6 +265,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		Guard:        cfg.versionGuard,
 		Conflict:     versionConflict,
 		Logger:       cfg.logger,
+		Observe:      observeFlushes(cfg.tracer, cfg.schema),
 	}, c.sink)
 	return c, nil
 }

@@ -1246,3 +1246,53 @@ func ExampleConnector_Stats() {
 	// listening: true subscriptions: 1
 	// following the log: 1
 }
+
+// timingTracer logs each flush with its duration; a tracer of OpenTelemetry
+// would start a span in TraceFlushStart and end it in TraceFlushEnd.
+type timingTracer struct{ flushes chan string }
+
+type flushStartKey struct{}
+
+func (t timingTracer) TraceFlushStart(ctx context.Context, d pgstore.TraceFlushStartData) context.Context {
+	return context.WithValue(ctx, flushStartKey{}, time.Now())
+}
+
+func (t timingTracer) TraceFlushEnd(ctx context.Context, d pgstore.TraceFlushEndData) {
+	took := time.Since(ctx.Value(flushStartKey{}).(time.Time))
+	t.flushes <- fmt.Sprintf("flush: %d durable, %d failed, in under a minute: %v", d.Durable, d.Failed, took < time.Minute)
+}
+
+func ExampleWithTracer() {
+	defer exampleSchema("pgstore_example_tracer")()
+	ctx := context.Background()
+	tracer := timingTracer{flushes: make(chan string, 8)}
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_tracer"), pgstore.WithTracer(tracer))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	// Deliveries are the handler's calls: to trace them, wrap the handler.
+	traced := func(handle func(pgstore.Event)) func(pgstore.Event) {
+		return func(e pgstore.Event) {
+			start := time.Now()
+			handle(e)
+			_ = time.Since(start) // record it: a span, a histogram
+		}
+	}
+	events := make(chan pgstore.Event, 8)
+	sub, err := c.Subscribe(ctx, traced(func(e pgstore.Event) { events <- e }), pgstore.ForEvents(pgstore.Insert))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close(ctx)
+
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(<-tracer.flushes)
+	fmt.Println((<-events).Key)
+	// Output:
+	// flush: 1 durable, 0 failed, in under a minute: true
+	// cars/bmw
+}

@@ -26,6 +26,7 @@ type config struct {
 	changeLog     time.Duration // retention; 0 leaves the schema's log as it is
 	events        eventSet
 	eventsChosen  bool // WithEvents was given: existing triggers follow it
+	tracer        Tracer
 
 	stagingRenewal time.Duration // see defaultStagingRenewal; tests shorten it
 	minAttempt     time.Duration // see minAttemptTime; tests shorten it

@@ -133,6 +133,10 @@ type Config struct {
 	Conflict func(table, id string, version, newer int64) error
 	// Logger receives retries and failures.
 	Logger *slog.Logger
+	// Observe, if set, is called as each batch's flush starts, with the
+	// flush's context and its writes; the context it returns is the one
+	// the sink gets, and done is called once every write has its outcome.
+	Observe func(ctx context.Context, writes int) (_ context.Context, done func(durable, failed int, err error))
 }
 
 // Bookkeeping bytes charged to the limit besides keys and values: a map
@@ -511,11 +515,27 @@ func (b *Buffer) loop(ctx context.Context) {
 		}
 		began := time.Now()
 		view := bt.view()
+		fctx, done := ctx, func(int, int, error) {}
+		if b.cfg.Observe != nil {
+			fctx, done = b.cfg.Observe(ctx, view.count)
+		}
 		if ctx.Err() != nil {
 			failAll(view, fmt.Errorf("%w: close's context ended before the write was sent", ErrClosed))
 		} else {
-			b.flush(ctx, view, bt.due, bt.due.Add(b.cfg.RetryTimeout))
+			b.flush(fctx, view, bt.due, bt.due.Add(b.cfg.RetryTimeout))
 		}
+		var durable, failed int
+		var firstErr error
+		view.each(func(w *Write) {
+			if w.Err == nil {
+				durable++
+				return
+			}
+			if failed++; firstErr == nil {
+				firstErr = w.Err
+			}
+		})
+		done(durable, failed, firstErr)
 		b.complete(bt, time.Since(began))
 	}
 }
