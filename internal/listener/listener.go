@@ -3,6 +3,7 @@
 package listener
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -38,8 +39,10 @@ type Listener struct {
 	// Logger receives connection losses and failed reconnections.
 	Logger *slog.Logger
 	// PingAfter is how long the connection may stay idle before it is
-	// pinged to detect a silent loss. If 0, DefaultPingAfter is used.
-	PingAfter time.Duration
+	// pinged to detect a silent loss, and PingTimeout how long the ping's
+	// answer may take before the connection counts as lost. If 0, the
+	// defaults are used.
+	PingAfter, PingTimeout time.Duration
 	// MinBackoff and MaxBackoff bound the wait between reconnection
 	// attempts, which doubles, with jitter, from the first to the second.
 	// If 0, the defaults are used.
@@ -252,7 +255,7 @@ func (l *Listener) wait(ctx context.Context, conn *pgx.Conn) error {
 	case ctx.Err() != nil:
 		return nil
 	case errors.Is(waitCtx.Err(), context.DeadlineExceeded):
-		pingCtx, cancel := context.WithTimeout(ctx, DefaultPingTimeout)
+		pingCtx, cancel := context.WithTimeout(ctx, cmp.Or(l.PingTimeout, DefaultPingTimeout))
 		defer cancel()
 		return conn.Ping(pingCtx)
 	case waitCtx.Err() != nil && !conn.IsClosed():

@@ -152,3 +152,36 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 	<-done
 	require.False(t, l.State().Listening, "once Run returned")
 }
+
+// An idle connection is pinged: a healthy one stays, one that has gone
+// silent (its replies lost, as over a network that dropped the server) is
+// replaced, and Reconnected comes.
+func TestAnIdleConnectionIsPingedAndASilentOneReplaced(t *testing.T) {
+	proxy, url := pgtest.NewProxy(t)
+	reconnected := make(chan struct{}, 1)
+	l := &Listener{
+		Connect:     func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, url) },
+		Reconnected: func() { reconnected <- struct{}{} },
+		PingAfter:   20 * time.Millisecond,
+		PingTimeout: 200 * time.Millisecond,
+		MinBackoff:  10 * time.Millisecond,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); l.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	require.NoError(t, l.Listen(ctx, "a"))
+
+	// Many idle periods, each ending in a ping that is answered.
+	time.Sleep(10 * l.PingAfter)
+	require.Equal(t, State{Listening: true, Since: l.State().Since}, l.State(), "answered pings keep the connection")
+
+	proxy.HoldReplies() // the open connection goes silent; new ones pass
+	select {
+	case <-reconnected:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a connection whose pings go unanswered was never replaced")
+	}
+	require.Equal(t, int64(1), l.State().Reconnects)
+	require.True(t, l.State().Listening)
+}
