@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +24,16 @@ func TestMain(m *testing.M) {
 	// Find the server first: a test container's own goroutines (its
 	// reaper) are not leaks. Without a server the tests skip themselves.
 	_, _ = pgtest.Find()
-	goleak.VerifyTestMain(m, goleak.IgnoreCurrent())
+	ignore := goleak.IgnoreCurrent()
+	code := m.Run()
+	if code == 0 {
+		pgtest.WaitForAsyncCloses() // the connections that clients' departures cancelled
+		if err := goleak.Find(ignore); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 // waitTimeout bounds every wait for a message: reaching it fails the test.

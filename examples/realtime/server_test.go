@@ -363,6 +363,7 @@ func TestAbruptDisconnects(t *testing.T) {
 			t.Logf("close: %v", err)
 		}
 	}
+	pgtest.WaitForAsyncCloses()
 	goleak.VerifyNone(t, ignore)
 	n.srv.mu.Lock()
 	clients, keys := len(n.srv.clients), len(n.srv.keys)
