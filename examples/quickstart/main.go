@@ -87,5 +87,11 @@ func run(ctx context.Context, url string) error {
 			return ctx.Err()
 		}
 	}
+
+	// What an operator's metrics would show (see Stats).
+	st := store.Stats()
+	fmt.Printf("stats  %d flushes, %d durable writes, %d failed; listening: %v; %d events delivered\n",
+		st.Flushes, st.DurableWrites, st.FailedWrites.Refused+st.FailedWrites.TimedOut+st.FailedWrites.Unknown+st.FailedWrites.Closed,
+		st.Listener.Listening, st.EventsDelivered)
 	return nil
 }
