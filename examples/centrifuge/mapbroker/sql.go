@@ -1,0 +1,186 @@
+package mapbroker
+
+import (
+	"github.com/jackc/pgx/v5"
+)
+
+// pgstore's change log, as this package reads it (see the package comment,
+// "What this relies on").
+const (
+	logHead    = "pgstore/log"         // one row: log_id, position, dropped, active
+	logEntries = "pgstore/log_entries" // position, off, tbl, op, id, version, val
+	logOffsets = "pgstore/log_offsets" // tbl, off: the last offset of each table
+)
+
+// The broker's own tables, in the connector's schema. Their names hold a
+// "/", which no record table's name can, so no channel can ever take them.
+const (
+	// epochsTable holds one row per life of a channel's table: the table
+	// offset its stream counts from (base), its epoch, the table's oid, and
+	// when the channel's metadata expires (MetaTTL).
+	epochsTable = "centrifuge/epochs"
+	// streamTable indexes the broker's log entries by table offset: their
+	// position in the log, their stream offset and epoch, and what the log
+	// does not keep (the tags of a removal, the previous value of a delta
+	// publication).
+	streamTable = "centrifuge/stream"
+	// idempotencyTable holds the results of publications and removals made
+	// with an IdempotencyKey, until they expire.
+	idempotencyTable = "centrifuge/idempotency"
+	// expiryTable holds when each key of a channel with a KeyTTL expires.
+	expiryTable = "centrifuge/expiry"
+)
+
+// lockClass is the first half of the broker's advisory locks, which use the
+// two-integer key space: pgstore's own advisory locks use the bigint one,
+// and the two never overlap, so no hash collision can make the broker wait
+// for pgstore's DDL lock while holding what it waits for.
+const lockClass = 0x63656e74 // "cent"
+
+// sqlSet is the SQL of one schema, built once with every identifier quoted.
+type sqlSet struct {
+	schema string
+
+	head, entries, offsets       string
+	epochs, stream, idem, expiry string
+	createTables                 []string
+	lockSchema                   string
+	lockChannel                  string
+	lockHead                     string
+	meta                         string
+	idemRead, idemWrite          string
+	streamWrite                  string
+	expirySet, expiryDelete      string
+	expiryRefresh                string
+	metaTouch, metaClear         string
+	epochInsert                  string
+	streamRead                   string
+	streamRow                    string
+	oldestEntry                  string
+	epochBefore                  string
+	expiredKeys                  string
+	expiredChannels              string
+	cleanupStream, cleanupIdem   string
+	cleanupEpochs                string
+	forgetChannel                []string
+}
+
+func newSQL(schema string) *sqlSet {
+	q := func(name string) string { return pgx.Identifier{schema, name}.Sanitize() }
+	s := &sqlSet{
+		schema:  schema,
+		head:    q(logHead),
+		entries: q(logEntries),
+		offsets: q(logOffsets),
+		epochs:  q(epochsTable),
+		stream:  q(streamTable),
+		idem:    q(idempotencyTable),
+		expiry:  q(expiryTable),
+	}
+	s.createTables = []string{
+		"CREATE TABLE IF NOT EXISTS " + s.epochs + ` (tbl text COLLATE "C" NOT NULL, base bigint NOT NULL, epoch text NOT NULL,
+			tbl_oid oid NOT NULL, meta_expires timestamptz, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, base))`,
+		"CREATE TABLE IF NOT EXISTS " + s.stream + ` (tbl text COLLATE "C" NOT NULL, off bigint NOT NULL, position bigint NOT NULL,
+			epoch text NOT NULL, roff bigint NOT NULL, tags jsonb, prev jsonb, at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, off))`,
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/stream_position"}.Sanitize() + " ON " + s.stream + " (position)",
+		"CREATE TABLE IF NOT EXISTS " + s.idem + ` (tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, epoch text NOT NULL,
+			roff bigint NOT NULL, expires_at timestamptz NOT NULL, PRIMARY KEY (tbl, key))`,
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/idempotency_expires"}.Sanitize() + " ON " + s.idem + " (expires_at)",
+		"CREATE TABLE IF NOT EXISTS " + s.expiry + ` (tbl text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+			expires_at timestamptz NOT NULL, PRIMARY KEY (tbl, id))`,
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/expiry_at"}.Sanitize() + " ON " + s.expiry + " (expires_at)",
+	}
+	s.lockSchema = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
+	// A channel's lock is taken exclusive by what makes or ends the
+	// channel's table (ensure, Clear), and shared by every change of the
+	// broker, before the log's head, which is the lock every writer of the
+	// schema takes first (pgstore's batches, the BEFORE STATEMENT trigger of
+	// every record table). A change only tries for it: no row, and so no
+	// head lock, while the channel is being made or dropped; it waits
+	// without holding a connection (see retry). A try that conflicts with
+	// a waiting exclusive lock fails too, so Clear is never starved.
+	s.lockChannel = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
+	s.lockHead = "SELECT true FROM " + s.head + " WHERE pg_try_advisory_xact_lock_shared($1::int4, hashtext($2)) FOR UPDATE"
+	// Everything a change or a read needs to know of a channel, in one
+	// statement (so in one snapshot). $1 is the table's name, $2 the
+	// schema's. The table is looked up in pg_class rather than with
+	// to_regclass, whose cache may not yet know of a table another session
+	// just made.
+	s.meta = `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
+		(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $2 AND c.relname = $1),
+		coalesce((SELECT o.off FROM ` + s.offsets + ` o WHERE o.tbl = $1), 0),
+		e.base, e.epoch, e.tbl_oid, e.meta_expires,
+		(SELECT st.at FROM ` + s.stream + ` st WHERE st.tbl = $1 ORDER BY st.off DESC LIMIT 1), now()
+		FROM ` + s.head + ` h LEFT JOIN LATERAL (SELECT base, epoch, tbl_oid, meta_expires FROM ` + s.epochs + ` WHERE tbl = $1 ORDER BY base DESC LIMIT 1) e ON true`
+	s.idemRead = "SELECT epoch, roff FROM " + s.idem + " WHERE tbl = $1 AND key = $2 AND expires_at > now()"
+	s.idemWrite = "INSERT INTO " + s.idem + ` AS t (tbl, key, epoch, roff, expires_at) VALUES ($1, $2, $3, $4, now() + $5 * interval '1 microsecond')
+		ON CONFLICT (tbl, key) DO UPDATE SET epoch = excluded.epoch, roff = excluded.roff, expires_at = excluded.expires_at`
+	// The entry that the change just before it made must be the one
+	// predicted ($2, $3): were it not (a trigger missing, an event switched
+	// off), off or position is NULL and the NOT NULL constraint aborts the
+	// transaction, with the COMMIT queued behind it.
+	s.streamWrite = "INSERT INTO " + s.stream + ` (tbl, off, position, epoch, roff, tags, prev)
+		SELECT $1, CASE WHEN o.off = $2 THEN o.off END, CASE WHEN h.position = $3 THEN h.position END, $4, $5, $6, $7
+		FROM ` + s.head + ` h LEFT JOIN ` + s.offsets + ` o ON o.tbl = $1`
+	s.expirySet = "INSERT INTO " + s.expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3 * interval '1 microsecond')
+		ON CONFLICT (tbl, id) DO UPDATE SET expires_at = excluded.expires_at`
+	s.expiryDelete = "DELETE FROM " + s.expiry + " WHERE tbl = $1 AND id = ANY($2::text[])"
+	s.expiryRefresh = "UPDATE " + s.expiry + " SET expires_at = now() + $3 * interval '1 microsecond' WHERE tbl = $1 AND id = $2"
+	s.metaTouch = "UPDATE " + s.epochs + " SET meta_expires = now() + $3 * interval '1 microsecond' WHERE tbl = $1 AND base = $2"
+	s.metaClear = "UPDATE " + s.epochs + " SET meta_expires = NULL WHERE tbl = $1 AND base = $2 AND meta_expires IS NOT NULL"
+	s.epochInsert = "INSERT INTO " + s.epochs + " (tbl, base, epoch, tbl_oid) VALUES ($1, $2, $3, $4) ON CONFLICT (tbl, base) DO UPDATE SET epoch = excluded.epoch, tbl_oid = excluded.tbl_oid"
+	// The entries of a table between two offsets, through the broker's
+	// index: each is found in the log by its position (the log's only
+	// index), one probe per entry.
+	s.streamRead = `SELECT st.off, st.roff, st.epoch, st.tags, st.at, e.op::text, e.id, e.val
+		FROM ` + s.stream + ` st LEFT JOIN LATERAL (SELECT le.op, le.id, le.val FROM ` + s.entries + ` le
+			WHERE le.position = st.position AND le.tbl = st.tbl AND le.off = st.off) e ON true
+		WHERE st.tbl = $1 AND st.off BETWEEN $2 AND $3 AND st.position > $4 ORDER BY st.off`
+	// The oldest entry of the channel's last life that the log still holds.
+	s.oldestEntry = "SELECT min(off) FROM " + s.stream + " WHERE tbl = $1 AND position > (SELECT dropped FROM " + s.head + ")" +
+		" AND off > coalesce((SELECT max(base) FROM " + s.epochs + " WHERE tbl = $1), 0)"
+	s.streamRow = "SELECT epoch, roff, tags, prev, at FROM " + s.stream + " WHERE tbl = $1 AND off = $2"
+	s.epochBefore = "SELECT base, epoch FROM " + s.epochs + " WHERE tbl = $1 AND base < $2 ORDER BY base DESC LIMIT 1"
+	s.expiredKeys = "SELECT tbl, id FROM " + s.expiry + " WHERE expires_at <= now() ORDER BY expires_at LIMIT $1"
+	s.expiredChannels = "SELECT DISTINCT tbl FROM " + s.epochs + " WHERE meta_expires <= now() LIMIT $1"
+	s.cleanupStream = "DELETE FROM " + s.stream + " WHERE position <= (SELECT dropped FROM " + s.head + ")"
+	s.cleanupIdem = "DELETE FROM " + s.idem + " WHERE expires_at <= now()"
+	// Lives of a channel other than its last, once a day old: only a
+	// subscription a day behind could still ask for them.
+	s.cleanupEpochs = "DELETE FROM " + s.epochs + " e WHERE created_at < now() - interval '1 day' AND base < (SELECT max(base) FROM " + s.epochs + " l WHERE l.tbl = e.tbl)"
+	s.forgetChannel = []string{
+		"DELETE FROM " + s.idem + " WHERE tbl = $1",
+		"DELETE FROM " + s.expiry + " WHERE tbl = $1",
+		"UPDATE " + s.epochs + " SET meta_expires = NULL WHERE tbl = $1",
+	}
+	return s
+}
+
+// table returns the quoted identifier of a channel's record table.
+func (s *sqlSet) table(channel string) string {
+	return pgx.Identifier{s.schema, channel}.Sanitize()
+}
+
+func (s *sqlSet) recordRead(channel string) string {
+	return "SELECT id, version, val FROM " + s.table(channel) + " WHERE id = ANY($1::text[]) ORDER BY id"
+}
+
+func (s *sqlSet) recordInsert(channel string) string {
+	return "INSERT INTO " + s.table(channel) + " (id, version, val) VALUES ($1, $2, $3)"
+}
+
+func (s *sqlSet) recordUpdate(channel string) string {
+	return "UPDATE " + s.table(channel) + " SET version = $2, val = $3 WHERE id = $1"
+}
+
+func (s *sqlSet) recordDelete(channel string) string {
+	return "DELETE FROM " + s.table(channel) + " WHERE id = $1"
+}
+
+func (s *sqlSet) statePage(channel string) string {
+	return "SELECT id, version, val FROM " + s.table(channel) + " WHERE id > $1 ORDER BY id LIMIT $2"
+}
+
+func (s *sqlSet) count(channel string) string {
+	return "SELECT count(*) FROM " + s.table(channel)
+}

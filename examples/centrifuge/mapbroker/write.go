@@ -1,0 +1,530 @@
+package mapbroker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/centrifugal/centrifuge"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// How a change is made atomic.
+//
+// pgstore's Set is buffered and unconditional; a map change is conditional
+// (idempotency, version, key mode, compare-and-swap), so it is one
+// transaction of the broker's own, on the record table and the broker's
+// tables, in two round trips:
+//
+//  1. BEGIN; the channel's advisory lock, shared (tried for, not waited
+//     for), then the log's head row FOR UPDATE; the channel's meta (the table's oid and last offset, the
+//     channel's life); the idempotency result; the records of the keys.
+//  2. The record's INSERT, UPDATE or DELETE; the broker's stream index row;
+//     the idempotency result; the key's expiry; COMMIT.
+//
+// The head row is the lock that pgstore's batches and every record table's
+// BEFORE STATEMENT trigger take first, and hold to their commit. Holding it,
+// the change is the only writer of the schema's log: what it read cannot
+// change before it commits, and its one-row statement takes the next
+// position and the table's next offset, which it can so predict, write into
+// the record (its version) and the index, and check (see streamWrite).
+// The meta is read in a statement after the lock's, so that its snapshot
+// sees every writer that held the head before.
+//
+// The channel's advisory lock is taken exclusive by what makes or ends the
+// channel's table (ensure, Clear); changes take it shared, before the head,
+// so they never see a table half made, and a Clear never drops a change
+// that committed after it looked. A change that cannot have it gives its
+// connection back and tries again (see retry).
+
+// changeAttempts bounds how often a change or a read starts again: when
+// the table turned out to exist or not, or had to be made first.
+const changeAttempts = 5
+
+// A changeReq is what a change reads in its first round trip.
+type changeReq struct {
+	ch      string
+	keys    []string
+	idemKey string
+	expired bool // also read which of keys have expired (see expireKeys)
+}
+
+// A txState is what a change read.
+type txState struct {
+	locked  bool // the channel's lock and the log's head are held
+	meta    meta
+	idem    *centrifuge.StreamPosition
+	records map[string]record
+	expired map[string]bool
+}
+
+type record struct {
+	version int64
+	raw     []byte // the record's JSON
+	entry   entry
+}
+
+// A plan is what a change decided to write; nil writes nothing.
+type plan struct {
+	batch    pgx.Batch
+	needLife bool // the change writes, and the channel has no table yet
+	off, pos int64
+}
+
+// next returns the table offset and the log position of the next entry the
+// change writes.
+func (p *plan) next(m meta) (off, pos int64) {
+	if p.off == 0 {
+		p.off, p.pos = m.off, m.position
+	}
+	p.off++
+	p.pos++
+	return p.off, p.pos
+}
+
+// What a change or a read that cannot finish yet does next, once it has
+// given its connection back: a transaction that waited for ensure while
+// holding one could starve the pool that pgstore needs to make the table.
+type step int
+
+const (
+	done     step = iota
+	again         // start again at once: the table turned out to exist, or not
+	needLife      // start the channel's life (ensure), then again
+	lockBusy      // the channel is being made or cleared: wait, then again
+)
+
+// change runs one map change: decide sees what the first round trip read
+// and returns what to write.
+func (b *Broker) change(ctx context.Context, req changeReq, decide func(*txState) (*plan, error)) error {
+	return b.retry(ctx, req.ch, func() (step, error) { return b.changeOnce(ctx, req, decide) })
+}
+
+// retry runs once until it is done, ensuring the channel or waiting for
+// its lock between attempts, without holding a connection meanwhile.
+func (b *Broker) retry(ctx context.Context, ch string, once func() (step, error)) error {
+	wait := 2 * time.Millisecond
+	for attempts := 0; attempts < changeAttempts; {
+		n, err := once()
+		switch {
+		case err != nil:
+			return err
+		case n == done:
+			return nil
+		case n == lockBusy:
+			// Not an attempt: Clear or ensure holds the channel for as
+			// long as a DDL statement takes.
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("mapbroker: channel %q: waiting for the channel's table to be made or dropped: %w", ch, ctx.Err())
+			case <-t.C:
+			}
+			wait = min(2*wait, 100*time.Millisecond)
+			continue
+		case n == needLife:
+			if err := b.ensure(ctx, ch); err != nil {
+				return err
+			}
+		}
+		attempts++
+	}
+	return fmt.Errorf("mapbroker: channel %q: started %d times without settling whether the channel's table exists", ch, changeAttempts)
+}
+
+func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txState) (*plan, error)) (step, error) {
+	conn, err := b.pool.Acquire(ctx)
+	if err != nil {
+		return done, fmt.Errorf("mapbroker: %w", err)
+	}
+	defer release(conn)
+	withRecords := b.tableKnown(req.ch)
+	st, err := b.readChange(ctx, conn, req, withRecords)
+	switch {
+	case isUndefinedTable(err) && withRecords:
+		b.setKnown(req.ch, false)
+		return again, nil
+	case err != nil:
+		return done, fmt.Errorf("mapbroker: channel %q: %w", req.ch, err)
+	case !st.locked:
+		return lockBusy, nil
+	}
+	m := st.meta
+	b.setKnown(req.ch, m.exists())
+	switch {
+	case m.exists() && !withRecords && len(req.keys) > 0:
+		return again, nil // read again, with the records
+	case m.exists() && !m.ready():
+		return needLife, nil
+	}
+	p, err := decide(st)
+	if err != nil || p == nil {
+		return done, err
+	}
+	if p.needLife {
+		return needLife, nil
+	}
+	p.batch.Queue("COMMIT")
+	err = conn.SendBatch(ctx, &p.batch).Close()
+	if err == nil {
+		return done, nil
+	}
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr) && pgErr.Code == "23502" && pgErr.TableName == streamTable:
+		return done, fmt.Errorf("mapbroker: channel %q: pgstore's change log did not record the change as the broker expected (are its INSERT, UPDATE and DELETE events switched off with pgstore.WithEvents?): %w", req.ch, err)
+	case errors.As(err, &pgErr):
+		if pgErr.Code == "40001" || pgErr.Code == "40P01" {
+			return again, nil // nothing committed: start again
+		}
+		return done, fmt.Errorf("mapbroker: channel %q: %w", req.ch, err)
+	case pgconn.SafeToRetry(err):
+		return done, fmt.Errorf("mapbroker: channel %q: the change was not sent: %w", req.ch, err)
+	}
+	// The server did not answer: the COMMIT, sent with the rest, may have
+	// been applied.
+	return done, fmt.Errorf("mapbroker: channel %q: %w: the answer to a change sent with its COMMIT was lost: %w", req.ch, ErrOutcomeUnknown, err)
+}
+
+// readChange runs a change's first round trip.
+func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeReq, withRecords bool) (*txState, error) {
+	st := &txState{records: make(map[string]record), expired: make(map[string]bool)}
+	var rb pgx.Batch
+	rb.Queue("BEGIN")
+	rb.Queue(b.sql.lockHead, lockClass, b.lockKey(req.ch)).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			st.locked = true
+		}
+		return rows.Err()
+	})
+	rb.Queue(b.sql.meta, req.ch, b.sql.schema).QueryRow(func(row pgx.Row) error {
+		return row.Scan(st.meta.scan()...)
+	})
+	var idemEpoch *string
+	var idemOff int64
+	if req.idemKey != "" {
+		rb.Queue(b.sql.idemRead, req.ch, req.idemKey).Query(func(rows pgx.Rows) error {
+			_, err := pgx.ForEachRow(rows, []any{&idemEpoch, &idemOff}, func() error { return nil })
+			return err
+		})
+	}
+	if req.expired {
+		rb.Queue("SELECT id FROM "+b.sql.expiry+" WHERE tbl = $1 AND id = ANY($2::text[]) AND expires_at <= now() FOR UPDATE",
+			req.ch, req.keys).Query(func(rows pgx.Rows) error {
+			var id string
+			_, err := pgx.ForEachRow(rows, []any{&id}, func() error {
+				st.expired[id] = true
+				return nil
+			})
+			return err
+		})
+	}
+	if withRecords && len(req.keys) > 0 {
+		rb.Queue(b.sql.recordRead(req.ch), req.keys).Query(func(rows pgx.Rows) error {
+			var id string
+			var r record
+			_, err := pgx.ForEachRow(rows, []any{&id, &r.version, &r.raw}, func() error {
+				r.entry = decodeEntry(r.raw)
+				st.records[id] = r
+				r = record{}
+				return nil
+			})
+			return err
+		})
+	}
+	if err := conn.SendBatch(ctx, &rb).Close(); err != nil {
+		return nil, err
+	}
+	if !st.locked {
+		return st, nil
+	}
+	if idemEpoch != nil && *idemEpoch == st.meta.epoch() {
+		st.idem = &centrifuge.StreamPosition{Offset: uint64(idemOff), Epoch: *idemEpoch}
+	}
+	return st, nil
+}
+
+// release returns a connection to the pool, rolling back what it left open;
+// one that cannot say so is destroyed by the pool.
+func release(conn *pgxpool.Conn) {
+	rollback(conn)
+	conn.Release()
+}
+
+func rollback(conn *pgxpool.Conn) {
+	if conn.Conn().PgConn().TxStatus() == 'I' || conn.Conn().IsClosed() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, _ = conn.Exec(ctx, "ROLLBACK")
+}
+
+// Publish writes a key's entry and appends it to the channel's stream, in
+// one transaction, unless the idempotency key, the version, the key mode
+// or the expected position suppresses it (checked in that order, as
+// centrifuge's brokers do).
+func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centrifuge.MapPublishOptions) (centrifuge.MapUpdateResult, error) {
+	chOpts, err := b.channelOptions(ch)
+	if err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	if err := checkKey(key); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	if opts.KeyMode != centrifuge.KeyModeReplace && opts.KeyMode != centrifuge.KeyModeIfNew && opts.KeyMode != centrifuge.KeyModeIfExists {
+		return centrifuge.MapUpdateResult{}, fmt.Errorf("%w: KeyMode %q", ErrUnsupported, opts.KeyMode)
+	}
+	if err := checkText("IdempotencyKey", opts.IdempotencyKey); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	// Checked before the transaction; made again in it with the epoch.
+	if _, err := newEnvelope("", opts, opts.Version, opts.VersionEpoch, 0); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	now := time.Now().UnixMilli()
+	var res centrifuge.MapUpdateResult
+	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey}, func(st *txState) (*plan, error) {
+		m := st.meta
+		epoch := m.epoch()
+		res = centrifuge.MapUpdateResult{Position: m.streamPosition()}
+		suppress := func(reason centrifuge.SuppressReason) {
+			res.Suppressed, res.SuppressReason = true, reason
+		}
+		if st.idem != nil {
+			res.Position = *st.idem
+			suppress(centrifuge.SuppressReasonIdempotency)
+			return nil, nil
+		}
+		rec, exists := st.records[key]
+		version, versionEpoch := opts.Version, opts.VersionEpoch
+		if exists {
+			v, ve := rec.entry.version()
+			if opts.Version > 0 && (opts.VersionEpoch == "" || opts.VersionEpoch == ve) && opts.Version <= v {
+				suppress(centrifuge.SuppressReasonVersion)
+				return nil, nil
+			}
+			if opts.Version == 0 {
+				// A publication without a version keeps the stored one,
+				// so that a late older version is still refused.
+				version, versionEpoch = v, ve
+			}
+		}
+		switch {
+		case opts.KeyMode == centrifuge.KeyModeIfNew && exists:
+			suppress(centrifuge.SuppressReasonKeyExists)
+			if !opts.RefreshTTLOnSuppress || chOpts.KeyTTL <= 0 {
+				return nil, nil
+			}
+			p := &plan{}
+			p.batch.Queue(b.sql.expiryRefresh, ch, key, micros(chOpts.KeyTTL))
+			b.queueMeta(p, ch, m, chOpts)
+			return p, nil
+		case opts.KeyMode == centrifuge.KeyModeIfExists && !exists:
+			suppress(centrifuge.SuppressReasonKeyNotFound)
+			return nil, nil
+		}
+		if exp := opts.ExpectedPosition; exp != nil {
+			if !exists {
+				suppress(centrifuge.SuppressReasonPositionMismatch)
+				return nil, nil
+			}
+			if offsetOf(rec.version) != exp.Offset || epoch != exp.Epoch {
+				suppress(centrifuge.SuppressReasonPositionMismatch)
+				pub, err := rec.entry.publication(key, offsetOf(rec.version))
+				if err != nil {
+					return nil, err
+				}
+				res.CurrentEntry = &centrifuge.MapCurrentEntry{Offset: offsetOf(rec.version), Data: pub.Data}
+				return nil, nil
+			}
+		}
+		if !m.ready() {
+			return &plan{needLife: true}, nil
+		}
+		env, err := newEnvelope(epoch, opts, version, versionEpoch, now)
+		if err != nil {
+			return nil, err
+		}
+		val, err := json.Marshal(env)
+		if err != nil {
+			return nil, err
+		}
+		p := &plan{}
+		off, pos := p.next(m)
+		roff := off - *m.base
+		write := b.sql.recordInsert(ch)
+		if exists {
+			write = b.sql.recordUpdate(ch)
+		}
+		p.batch.Queue(write, key, roff, val)
+		var prev []byte
+		if opts.UseDelta && exists {
+			prev = rec.raw
+		}
+		p.batch.Queue(b.sql.streamWrite, ch, off, pos, epoch, roff, nil, prev)
+		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
+		if chOpts.KeyTTL > 0 {
+			p.batch.Queue(b.sql.expirySet, ch, key, micros(chOpts.KeyTTL))
+		} else {
+			p.batch.Queue(b.sql.expiryDelete, ch, []string{key})
+		}
+		b.queueMeta(p, ch, m, chOpts)
+		res.Position = centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
+		return p, nil
+	})
+	if err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	return res, nil
+}
+
+// Remove deletes a key and appends its removal to the channel's stream, in
+// one transaction, unless the idempotency key or the expected position
+// suppresses it, or the key does not exist.
+func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrifuge.MapRemoveOptions) (centrifuge.MapUpdateResult, error) {
+	chOpts, err := b.channelOptions(ch)
+	if err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	if err := checkKey(key); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	if err := checkText("IdempotencyKey", opts.IdempotencyKey); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	if err := checkTags(opts.Tags); err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	var res centrifuge.MapUpdateResult
+	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey}, func(st *txState) (*plan, error) {
+		m := st.meta
+		epoch := m.epoch()
+		res = centrifuge.MapUpdateResult{Position: m.streamPosition()}
+		suppress := func(reason centrifuge.SuppressReason) {
+			res.Suppressed, res.SuppressReason = true, reason
+		}
+		if st.idem != nil {
+			res.Position = *st.idem
+			suppress(centrifuge.SuppressReasonIdempotency)
+			return nil, nil
+		}
+		rec, exists := st.records[key]
+		// Compare-and-swap first: a caller that expects a position must
+		// hear that the key moved on, even when it is gone.
+		if exp := opts.ExpectedPosition; exp != nil {
+			if !exists {
+				suppress(centrifuge.SuppressReasonPositionMismatch)
+				return nil, nil
+			}
+			if offsetOf(rec.version) != exp.Offset || epoch != exp.Epoch {
+				suppress(centrifuge.SuppressReasonPositionMismatch)
+				pub, err := rec.entry.publication(key, offsetOf(rec.version))
+				if err != nil {
+					return nil, err
+				}
+				res.CurrentEntry = &centrifuge.MapCurrentEntry{Offset: offsetOf(rec.version), Data: pub.Data}
+				return nil, nil
+			}
+		}
+		if !exists {
+			suppress(centrifuge.SuppressReasonKeyNotFound)
+			return nil, nil
+		}
+		tags := rec.entry.tags()
+		if opts.Tags != nil {
+			tags = opts.Tags
+		}
+		p := &plan{}
+		roff, err := b.queueRemoval(p, ch, m, key, tags)
+		if err != nil {
+			return nil, err
+		}
+		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
+		p.batch.Queue(b.sql.expiryDelete, ch, []string{key})
+		b.queueMeta(p, ch, m, chOpts)
+		res.Position = centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
+		return p, nil
+	})
+	if err != nil {
+		return centrifuge.MapUpdateResult{}, err
+	}
+	return res, nil
+}
+
+// queueRemoval queues the deletion of a key and its stream index row, and
+// returns the removal's stream offset.
+func (b *Broker) queueRemoval(p *plan, ch string, m meta, key string, tags map[string]string) (int64, error) {
+	tj, err := tagsJSON(tags)
+	if err != nil {
+		return 0, err
+	}
+	off, pos := p.next(m)
+	roff := off - *m.base
+	p.batch.Queue(b.sql.recordDelete(ch), key)
+	p.batch.Queue(b.sql.streamWrite, ch, off, pos, m.epoch(), roff, tj, nil)
+	return roff, nil
+}
+
+func (b *Broker) queueIdempotency(p *plan, ch, key string, ttl time.Duration, epoch string, roff int64) {
+	if key == "" {
+		return
+	}
+	if ttl <= 0 {
+		ttl = b.cfg.IdempotentResultTTL
+	}
+	p.batch.Queue(b.sql.idemWrite, ch, key, epoch, roff, micros(ttl))
+}
+
+// queueMeta queues the renewal of the channel's MetaTTL.
+func (b *Broker) queueMeta(p *plan, ch string, m meta, chOpts centrifuge.MapChannelOptions) {
+	if m.base == nil {
+		return
+	}
+	if chOpts.MetaTTL > 0 {
+		p.batch.Queue(b.sql.metaTouch, ch, *m.base, micros(chOpts.MetaTTL))
+	} else {
+		p.batch.Queue(b.sql.metaClear, ch, *m.base)
+	}
+}
+
+// expireKeys removes keys of a channel whose KeyTTL passed, each removal an
+// entry of the stream with the key's tags, as Remove would.
+func (b *Broker) expireKeys(ctx context.Context, ch string, keys []string) error {
+	sort.Strings(keys)
+	return b.change(ctx, changeReq{ch: ch, keys: keys, expired: true}, func(st *txState) (*plan, error) {
+		var gone []string
+		for _, key := range keys {
+			if st.expired[key] {
+				gone = append(gone, key)
+			}
+		}
+		if len(gone) == 0 {
+			return nil, nil
+		}
+		p := &plan{}
+		for _, key := range gone {
+			rec, exists := st.records[key]
+			if !exists {
+				continue
+			}
+			if _, err := b.queueRemoval(p, ch, st.meta, key, rec.entry.tags()); err != nil {
+				return nil, err
+			}
+		}
+		p.batch.Queue(b.sql.expiryDelete, ch, gone)
+		return p, nil
+	})
+}
+
+// offsetOf is the stream offset a record's version holds; a record written
+// to the table without the broker may hold any version.
+func offsetOf(version int64) uint64 {
+	return uint64(max(version, 0))
+}
