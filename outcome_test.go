@@ -117,9 +117,11 @@ func TestAWriteWhoseAnswerIsLostAndServerUnreachableFailsAsOutcomeUnknown(t *tes
 	err := r.Wait(ctx)
 	require.ErrorIs(t, err, pgstore.ErrOutcomeUnknown, "the commit was sent and nobody could be asked")
 
-	// Once the server can be reached, the next write fences the old
-	// attempt first, and goes through.
+	// Once the network heals (the pool's idle connections answer again,
+	// and new ones pass), the next write fences the old attempt first, and
+	// goes through.
 	proxy.Restore()
+	proxy.Release()
 	require.NoError(t, c.Set(ctx, "k/x", 2, "after"))
 	requireRecord(t, direct, "k/x", 2, `"after"`)
 }

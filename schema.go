@@ -442,6 +442,16 @@ func systemSchema(name string) bool {
 // for each pgstore table when that event is on. It refuses PostgreSQL's own
 // schemas and returns ErrSchemaNotFound for one that does not exist. Writes
 // still buffered for the connector's own schema create it again when flushed.
+//
+// The pgstore tables go in steps of a few tables per transaction, each step
+// announcing its own, and the schema with the rest of its objects in a last
+// one: a single transaction would hold a lock on every table, index and
+// trigger at once, and a schema of thousands of tables would fill
+// PostgreSQL's shared lock table, failing this call and the transactions of
+// every other session of the server. Subscribers following the change log so
+// read the DESTROY_TABLE of the tables dropped in steps before the log goes
+// (they then get a Resync with ErrLogGone). A call that fails midway leaves
+// the tables it dropped dropped, and announced; calling it again finishes.
 func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 	if err := c.checkName("DestroySchema", "schema", name); err != nil {
 		return err
@@ -449,35 +459,7 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: DestroySchema: refusing to drop the system schema %q", name)
 	}
-	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, ddlLockSQL, name); err != nil {
-			return err
-		}
-		var exists bool
-		if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", name).Scan(&exists); err != nil {
-			return err
-		}
-		if !exists {
-			return fmt.Errorf("%w: %q", ErrSchemaNotFound, name)
-		}
-		tables, err := listTables(ctx, tx, name)
-		if err != nil {
-			return err
-		}
-		events, err := schemaEvents(ctx, tx, name, c.cfg.events)
-		if err != nil {
-			return err
-		}
-		if events.has(DestroyTable) {
-			for _, t := range tables {
-				if err := announceDDL(ctx, tx, name, DestroyTable, t.name); err != nil {
-					return err
-				}
-			}
-		}
-		_, err = tx.Exec(ctx, "DROP SCHEMA "+pgx.Identifier{name}.Sanitize()+" CASCADE")
-		return err
-	})
+	err := destroySchema(ctx, c.pool, name, c.cfg.events)
 	if err != nil {
 		if errors.Is(err, ErrSchemaNotFound) {
 			return err
@@ -486,6 +468,177 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 	}
 	if name == c.cfg.schema {
 		c.forgetTables()
+	}
+	return nil
+}
+
+// destroyRounds bounds how often DestroySchema looks again for tables that
+// other connectors created while it dropped the ones it found: after that
+// many rounds, the last step drops those that remain with the schema, so that
+// connectors that keep writing cannot hold it off for ever.
+const destroyRounds = 3
+
+// destroySchema drops the schema's pgstore tables in steps, then the
+// schema. Each step takes the schema's DDL lock for its own transaction
+// only, so that other connectors go on creating tables between the steps:
+// those are found in the next round, dropped and announced in their turn.
+// The last step drops the schema only when, under the lock, it finds no
+// pgstore table left (or after destroyRounds), so that it announces none
+// itself: its announcements would go with the log.
+func destroySchema(ctx context.Context, db beginner, schema string, fallback eventSet) error {
+	for round := 1; ; round++ {
+		var (
+			found  []destroyTarget
+			budget int
+			done   bool
+		)
+		err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+				return err
+			}
+			var exists bool
+			if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", schema).Scan(&exists); err != nil {
+				return err
+			}
+			if !exists {
+				if round == 1 {
+					return fmt.Errorf("%w: %q", ErrSchemaNotFound, schema)
+				}
+				done = true // destroyed meanwhile by another call
+				return nil
+			}
+			if err := tx.QueryRow(ctx, "SELECT current_setting('max_locks_per_transaction')::int").Scan(&budget); err != nil {
+				return err
+			}
+			var err error
+			if found, err = listDestroyTargets(ctx, tx, schema); err != nil {
+				return err
+			}
+			if len(found) > 0 && round <= destroyRounds {
+				return nil
+			}
+			names := make([]string, len(found))
+			for i, t := range found {
+				names[i] = t.name
+			}
+			if err := announceDestroyed(ctx, tx, schema, names, fallback); err != nil {
+				return err
+			}
+			_, err = tx.Exec(ctx, "DROP SCHEMA "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
+			done = err == nil
+			return err
+		})
+		if err != nil || done {
+			return err
+		}
+		for _, step := range destroySteps(found, budget) {
+			if err := dropTablesStep(ctx, db, schema, step, fallback); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// A destroyTarget is a pgstore table to drop, with the number of locks that
+// dropping it takes.
+type destroyTarget struct {
+	name  string
+	locks int
+}
+
+// destroyTargetsSQL lists pgstore's tables in a schema ($1) with the objects
+// that DROP TABLE locks, one entry each in the lock table: the table, its
+// row type and array type, its TOAST table and TOAST index, its indexes,
+// constraints and triggers.
+const destroyTargetsSQL = `SELECT c.relname,
+		3 + CASE WHEN c.reltoastrelid <> 0 THEN 2 ELSE 0 END
+		+ (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)::int
+		+ (SELECT count(*) FROM pg_constraint k WHERE k.conrelid = c.oid)::int
+		+ (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = c.oid)::int
+	FROM pg_class c
+	JOIN pg_namespace n ON n.oid = c.relnamespace
+	WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = '` + tableMarker + `'
+	ORDER BY c.relname`
+
+func listDestroyTargets(ctx context.Context, tx pgx.Tx, schema string) ([]destroyTarget, error) {
+	rows, err := tx.Query(ctx, destroyTargetsSQL, schema)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (destroyTarget, error) {
+		var t destroyTarget
+		err := row.Scan(&t.name, &t.locks)
+		return t, err
+	})
+}
+
+// destroySteps groups tables into steps of at most budget locks each, and
+// of at least one table. The budget is max_locks_per_transaction: what the
+// server sizes its lock table to give every transaction on average, so that
+// a step takes no more than its share, however many tables the schema has.
+func destroySteps(tables []destroyTarget, budget int) [][]string {
+	var steps [][]string
+	var step []string
+	locks := 0
+	for _, t := range tables {
+		if len(step) > 0 && locks+t.locks > budget {
+			steps = append(steps, step)
+			step, locks = nil, 0
+		}
+		step = append(step, t.name)
+		locks += t.locks
+	}
+	if len(step) > 0 {
+		steps = append(steps, step)
+	}
+	return steps
+}
+
+// dropTablesStep drops, in one transaction under the schema's DDL lock, the
+// named tables that are still pgstore's (another connector may have dropped
+// one since they were listed), announcing each as DropTable does.
+func dropTablesStep(ctx context.Context, db beginner, schema string, names []string, fallback eventSet) error {
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.relkind IN ('r', 'p')
+			AND obj_description(c.oid, 'pg_class') = '`+tableMarker+`' ORDER BY c.relname`, schema, names)
+		if err != nil {
+			return err
+		}
+		left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil || len(left) == 0 {
+			return err
+		}
+		if err := announceDestroyed(ctx, tx, schema, left, fallback); err != nil {
+			return err
+		}
+		idents := make([]string, len(left))
+		for i, name := range left {
+			idents[i] = pgx.Identifier{schema, name}.Sanitize()
+		}
+		// CASCADE, as DROP SCHEMA drops them: with what depends on them.
+		_, err = tx.Exec(ctx, "DROP TABLE "+strings.Join(idents, ", ")+" CASCADE")
+		return err
+	})
+}
+
+// announceDestroyed announces DESTROY_TABLE for each named table, when the
+// schema has that event on, inside the transaction that drops them.
+func announceDestroyed(ctx context.Context, tx pgx.Tx, schema string, names []string, fallback eventSet) error {
+	if len(names) == 0 {
+		return nil
+	}
+	events, err := schemaEvents(ctx, tx, schema, fallback)
+	if err != nil || !events.has(DestroyTable) {
+		return err
+	}
+	for _, name := range names {
+		if err := announceDDL(ctx, tx, schema, DestroyTable, name); err != nil {
+			return err
+		}
 	}
 	return nil
 }
