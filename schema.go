@@ -712,7 +712,7 @@ func (c *Connector) GetSchemaOverview(ctx context.Context) (map[string]int64, er
 // a schema; tables made by hand are left out, and a schema that does not
 // exist has none. Buffered writes are not counted.
 //
-// Counts are exact, which reads every table in full (a few hundred tables per
+// Counts are exact, which reads every table in full (a few dozen tables per
 // statement, so the counts of a large schema are not all of one instant).
 // With estimate they come from the planner's statistics instead
 // (pg_class.reltuples as of the last VACUUM or ANALYZE, -1 for a table never
@@ -744,19 +744,22 @@ func (c *Connector) GetSchemaOverviewOf(ctx context.Context, schema string, esti
 	}
 }
 
-// countTablesPerStatement bounds the tables one counting statement reads:
-// each holds a lock (with its index) until the statement ends, and
-// PostgreSQL's shared lock table has room for a few thousand in all.
-const countTablesPerStatement = 200
-
 // countRecords counts the records of every pgstore table of a schema, a
-// chunk of tables per statement.
+// chunk of tables per statement. Each table read holds two locks (the table
+// and its index) until the statement ends, and PostgreSQL's lock table,
+// shared by every session, is sized to give each transaction
+// max_locks_per_transaction on average: a chunk takes no more than that
+// share, as DestroySchema's steps do.
 func (c *Connector) countRecords(ctx context.Context, schema string, overview map[string]int64) error {
 	tables, err := listTables(ctx, c.pool, schema)
 	if err != nil {
 		return err
 	}
-	for chunk := range slices.Chunk(tables, countTablesPerStatement) {
+	var share int
+	if err := c.pool.QueryRow(ctx, "SELECT current_setting('max_locks_per_transaction')::int").Scan(&share); err != nil {
+		return err
+	}
+	for chunk := range slices.Chunk(tables, max(share/2, 1)) {
 		parts := make([]string, len(chunk))
 		args := make([]any, len(chunk))
 		for i, t := range chunk {
