@@ -271,17 +271,16 @@ func (c *Connector) checkTLS(ctx context.Context, r *Report) error {
 }
 
 func (c *Connector) checkSchema(ctx context.Context, r *Report) error {
-	var exists, usage, create, createSchemas, fnExists, fnExecute bool
+	var exists, usage, create, createSchemas, fnExists bool
 	err := c.pool.QueryRow(ctx, `SELECT n.oid IS NOT NULL,
 			coalesce(has_schema_privilege(n.oid, 'USAGE'), false),
 			coalesce(has_schema_privilege(n.oid, 'CREATE'), false),
 			has_database_privilege(current_database(), 'CREATE'),
-			p.oid IS NOT NULL,
-			coalesce(has_function_privilege(p.oid, 'EXECUTE'), false)
+			p.oid IS NOT NULL
 		FROM (SELECT) AS one
 		LEFT JOIN pg_namespace n ON n.nspname = $1
 		LEFT JOIN pg_proc p ON p.pronamespace = n.oid AND p.proname = $2 AND p.pronargs = 0`,
-		c.cfg.schema, notifyFunction).Scan(&exists, &usage, &create, &createSchemas, &fnExists, &fnExecute)
+		c.cfg.schema, notifyFunction).Scan(&exists, &usage, &create, &createSchemas, &fnExists)
 	if err != nil {
 		return err
 	}
@@ -318,23 +317,47 @@ func (c *Connector) checkSchema(ctx context.Context, r *Report) error {
 			fmt.Sprintf("role %s lacks %s on schema %s: pgstore needs USAGE to use its tables and CREATE to add tables", role, strings.Join(missing, " and "), schema),
 			fmt.Sprintf("GRANT %s ON SCHEMA %s TO %s;", strings.Join(missing, ", "), schema, role))
 	}
-	switch {
-	case !fnExists:
+	if !fnExists {
 		r.add("trigger function", true, fmt.Sprintf("pgstore creates %s", function), "")
-	case fnExecute:
-		r.add("trigger function", true, fmt.Sprintf("role %s may execute %s", role, function), "")
-	default:
-		r.add("trigger function", false,
-			fmt.Sprintf("role %s may not execute %s, which the triggers of new tables call", role, function),
-			fmt.Sprintf("GRANT EXECUTE ON FUNCTION %s TO %s;", function, role))
+		return nil
 	}
+	// The NOTIFY feed's function, and the change log's two where the
+	// schema has a log: every trigger of a new table calls one of them.
+	rows, err := c.pool.Query(ctx, `SELECT p.proname, has_function_privilege(p.oid, 'EXECUTE')
+		FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+		WHERE n.nspname = $1 AND p.proname = ANY($2) AND p.pronargs = 0 ORDER BY p.proname`,
+		c.cfg.schema, []string{notifyFunction, logFunction, headLockFunction})
+	if err != nil {
+		return err
+	}
+	var lacking, all []string
+	var name string
+	var execute bool
+	_, err = pgx.ForEachRow(rows, []any{&name, &execute}, func() error {
+		fn := pgx.Identifier{c.cfg.schema, name}.Sanitize() + "()"
+		all = append(all, fn)
+		if !execute {
+			lacking = append(lacking, fn)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if len(lacking) == 0 {
+		r.add("trigger function", true, fmt.Sprintf("role %s may execute %s", role, strings.Join(all, ", ")), "")
+		return nil
+	}
+	r.add("trigger function", false,
+		fmt.Sprintf("role %s may not execute %s, which the triggers of new tables call", role, strings.Join(lacking, ", ")),
+		fmt.Sprintf("GRANT EXECUTE ON FUNCTION %s TO %s;", strings.Join(lacking, ", "), role))
 	return nil
 }
 
 func (c *Connector) checkOwnership(ctx context.Context, r *Report) error {
 	rows, err := c.pool.Query(ctx, `SELECT c.relname, pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE')
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND obj_description(c.oid, 'pg_class') = $2
+		WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND (obj_description(c.oid, 'pg_class') = $2 OR c.relname LIKE 'pgstore/%')
 		ORDER BY c.relname`, c.cfg.schema, tableMarker)
 	if err != nil {
 		return err
@@ -364,7 +387,8 @@ func (c *Connector) checkOwnership(ctx context.Context, r *Report) error {
 		return nil
 	}
 	r.add("table ownership", false,
-		fmt.Sprintf("role %s does not own %d of the %d pgstore tables of %s, and it must own them to change their triggers or drop them: %s",
+		fmt.Sprintf("role %s does not own %d of the %d pgstore tables of %s (its records' and its own: markers, settings, the change log), "+
+			"and it must own them to write through them, change their triggers or drop them: %s",
 			role, len(others), total, quoteIdent(c.cfg.schema), strings.Join(others, ", ")),
 		strings.Join(fixes, "\n"))
 	return nil
@@ -433,6 +457,11 @@ func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	const name = "change log"
 	schema := c.cfg.schema
 	state, err := readLogState(ctx, c.pool, schema)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+		r.add(name, false, fmt.Sprintf("role %s may not read the change log's tables (%s): the table ownership check says how to fix it", quoteIdent(r.User), pgErr.Message), "")
+		return nil
+	}
 	if err != nil {
 		return err
 	}

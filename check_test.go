@@ -102,7 +102,7 @@ func TestCheckSuperuser(t *testing.T) {
 	require.Equal(t, chkQueryString(t, "SELECT current_setting('server_version')"), report.ServerVersion)
 	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
 	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
-	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 4 pgstore tables") // a record table, the markers' two and the settings
 	require.Contains(t, report.String(), "all 11 checks passed")
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
@@ -167,7 +167,7 @@ func TestCheckLeastPrivilege(t *testing.T) {
 	report, err = c.Check(ctx)
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
-	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 1 pgstore tables")
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 4 pgstore tables") // a record table, the markers' two and the settings
 }
 
 // TestCheckRevokedGrants revokes the schema grants from a role that pgstore
@@ -233,13 +233,44 @@ func TestCheckFixes(t *testing.T) {
 	require.Equal(t, "GRANT USAGE, CREATE ON SCHEMA "+s+" TO "+r+";", chkFind(t, report, "schema privileges").Fix)
 	require.Equal(t, "GRANT EXECUTE ON FUNCTION "+s+`."pgstore_notify_v1"() TO `+r+";", chkFind(t, report, "trigger function").Fix)
 	ownership := chkFind(t, report, "table ownership")
-	require.Contains(t, ownership.Detail, "does not own 2 of the 2 pgstore tables")
-	require.Equal(t, "ALTER TABLE "+s+`."cars" OWNER TO `+r+";\nALTER TABLE "+s+`."we""ird" OWNER TO `+r+";", ownership.Fix)
+	require.Contains(t, ownership.Detail, "does not own 5 of the 5 pgstore tables")
+	var fixes []string
+	for _, table := range []string{`"cars"`, `"pgstore/commits"`, `"pgstore/refused"`, `"pgstore/settings"`, `"we""ird"`} {
+		fixes = append(fixes, "ALTER TABLE "+s+"."+table+" OWNER TO "+r+";")
+	}
+	require.Equal(t, strings.Join(fixes, "\n"), ownership.Fix, "its records' tables and pgstore's own, without which it cannot write")
 
 	chkApplyFixes(t, report)
 	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
+	chkSetGetDelete(t, chkConnect(t, roleURL, schema)) // the fixes are all it needs
+}
+
+// On a schema with a change log, the triggers of new tables call the log's
+// functions too: Check names each that the role may not execute.
+func TestCheckNamesTheChangeLogsFunctionsARoleMayNotExecute(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	chkConnect(t, pgtest.URL(t), schema) // makes the schema
+	admin, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Hour))
+	require.NoError(t, err)
+	require.NoError(t, admin.Close(ctx))
+	s := pgx.Identifier{schema}.Sanitize()
+	chkAdmin(t, "REVOKE EXECUTE ON FUNCTION "+s+".pgstore_log_v1(), "+s+".pgstore_log_lock_v1() FROM PUBLIC")
+	role, roleURL := chkRole(t, schema, "GRANT CONNECT ON DATABASE %[1]s TO %[2]s", "GRANT USAGE, CREATE ON SCHEMA %[3]s TO %[2]s")
+
+	report, err := pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	fn := chkFind(t, report, "trigger function")
+	require.False(t, fn.OK, report.String())
+	require.Equal(t, "GRANT EXECUTE ON FUNCTION "+s+`."pgstore_log_lock_v1"(), `+s+`."pgstore_log_v1"() TO `+pgx.Identifier{role}.Sanitize()+";", fn.Fix)
+	chkApplyFixes(t, report)
+	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
+	require.NoError(t, err)
+	require.True(t, report.OK(), report.String())
+	chkSetGetDelete(t, chkConnect(t, roleURL, schema)) // through the log's triggers
 }
 
 // TestCheckMissingSchema checks a role that may not create the schema it is
