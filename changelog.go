@@ -199,8 +199,10 @@ func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table
 // that statement's row locks: a batch that then wrote rows another batch
 // had locked before it waited for the head would wait in a cycle.
 func lockHeadSQL(schema string) string {
-	return "SELECT set_config('" + headLockedSetting + "', " + quoteLiteral(schema) + ", true) FROM " +
-		pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE"
+	// The setting is computed over the rows already locked: in the scan
+	// below the lock, it would be set before the lock is taken.
+	return "SELECT set_config('" + headLockedSetting + "', " + quoteLiteral(schema) + ", true) FROM (SELECT FROM " +
+		pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE) AS locked"
 }
 
 // A logState is where a schema stands with its change log. A log is switched

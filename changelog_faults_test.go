@@ -636,7 +636,7 @@ func TestChangeLogFaultASlowHandlerLagsInBoundedMemoryAndCatchesUp(t *testing.T)
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	t.Logf("writes done: %d events (%d MiB of values) not yet delivered; live heap %d MiB", backlog, backlog*len(value)>>20, ms.HeapAlloc>>20)
-	require.Greater(t, backlog, 50_000, "the handler lags: more than 50,000 events (100 MiB of values) wait")
+	require.Greater(t, backlog, 20_000, "the handler lags: more than 20,000 events (40 MiB of values) wait")
 	require.Less(t, ms.HeapAlloc, uint64(backlog*len(value)), "the backlog waits in the log, not in memory: the live heap is smaller than it")
 
 	events := got.waitFor(t, ctx, n+1)
@@ -1125,4 +1125,32 @@ func TestChangeLogFaultARawWriteTakesTheHeadUnlessItHoldsThisSchemasHead(t *test
 		require.NoError(t, tx.Rollback(ctx))
 	}
 	require.True(t, headFree())
+
+	// A flag for this schema set in a savepoint rolled back goes with it,
+	// as the lock does: the trigger locks the head again.
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	_, err = tx.Exec(ctx, "SAVEPOINT s")
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, "SELECT set_config('pgstore.head_locked', $1, true)", schema)
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, "ROLLBACK TO SAVEPOINT s")
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, "UPDATE "+ident(schema, "t")+` SET val = '"raw"' WHERE false`)
+	require.NoError(t, err)
+	require.False(t, headFree(), "the flag of a rolled-back savepoint still skipped the head lock")
+	require.NoError(t, tx.Rollback(ctx))
+
+	// The flag for this schema is what pgstore's batches set once they
+	// hold the head: the trigger is then skipped. Set by hand without the
+	// lock, it costs the lock order, as its doc says.
+	tx, err = pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	_, err = tx.Exec(ctx, "SELECT set_config('pgstore.head_locked', $1, true)", schema)
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, "UPDATE "+ident(schema, "t")+` SET val = '"raw"' WHERE false`)
+	require.NoError(t, err)
+	require.True(t, headFree(), "with this schema's flag, the trigger is skipped")
 }

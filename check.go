@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -255,15 +256,18 @@ func (c *Connector) checkServer(ctx context.Context, r *Report) error {
 // checkTLS says how the pool's connections are secured. It fails nothing:
 // whether a connection in clear is acceptable (on a loopback, in a private
 // network) is the operator's call, made with sslmode.
+//
+// It looks at the client's side of a pooled connection, not at pg_stat_ssl:
+// behind a bouncer, that is the bouncer's own link to the server.
 func (c *Connector) checkTLS(ctx context.Context, r *Report) error {
-	var ssl bool
-	var version, cipher *string
-	err := c.pool.QueryRow(ctx, "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&ssl, &version, &cipher)
+	conn, err := c.pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
-	if ssl && version != nil && cipher != nil {
-		r.add("TLS", true, fmt.Sprintf("connections use %s (%s)", *version, *cipher), "")
+	defer conn.Release()
+	if tc, ok := conn.Conn().PgConn().Conn().(*tls.Conn); ok {
+		state := tc.ConnectionState()
+		r.add("TLS", true, fmt.Sprintf("connections use %s (%s)", tls.VersionName(state.Version), tls.CipherSuiteName(state.CipherSuite)), "")
 	} else {
 		r.add("TLS", true, "connections are not encrypted (sslmode=disable, or prefer with a server without TLS); set sslmode=verify-full to require it", "")
 	}

@@ -365,6 +365,9 @@ type Subscription struct {
 	lost   bool // the queue overflowed: drop notices until Resync is delivered
 	queued int  // events in the queue
 
+	callMu  sync.Mutex
+	calling bool // the handler runs; under callMu, which call checks stopped under
+
 	closeOnce sync.Once
 }
 
@@ -489,10 +492,18 @@ func (s *Subscription) stop(unlisten bool) {
 	})
 }
 
-// wait waits for a handler call in progress to return, unless it is the
-// caller itself.
+// wait waits, after stop, for the subscription's goroutine to end, unless
+// it is the caller itself. Only a handler call in progress can make that
+// take long, so only then does ctx bound the wait.
 func (s *Subscription) wait(ctx context.Context) error {
 	if s.gid.Load() == goid() {
+		return nil
+	}
+	s.callMu.Lock()
+	calling := s.calling // no call starts after stop
+	s.callMu.Unlock()
+	if !calling {
+		<-s.done // its reads and sleeps end with stop
 		return nil
 	}
 	select {
@@ -570,11 +581,20 @@ func (s *Subscription) deliver() {
 // call runs the handler unless the subscription is closed, and survives a
 // panic in it.
 func (s *Subscription) call(e Event) (open bool) {
+	s.callMu.Lock()
 	select {
 	case <-s.stopped:
+		s.callMu.Unlock()
 		return false
 	default:
 	}
+	s.calling = true
+	s.callMu.Unlock()
+	defer func() {
+		s.callMu.Lock()
+		s.calling = false
+		s.callMu.Unlock()
+	}()
 	open = true // also after a panic
 	if e.Type == Resync {
 		s.c.resyncs.Add(1)

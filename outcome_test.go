@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -172,7 +173,9 @@ func TestAWritesDeadlineCountsFromAcceptanceNotPerQueuedBatch(t *testing.T) {
 	// their own. Each spending its own budget made 8 batches take 8 times
 	// as many attempts.
 	require.Less(t, attempts, int64(12), "batches queued behind a failing one do not each retry")
-	require.ErrorContains(t, results[7].Wait(ctx), "write not sent")
+	last := results[7].Wait(ctx)
+	require.ErrorContains(t, last, "write not sent")
+	require.Equal(t, 1, strings.Count(last.Error(), "pgstore:"), "%q names pgstore once", last)
 }
 
 func TestABatchTheServerTimesOutIsHalvedUntilItPasses(t *testing.T) {

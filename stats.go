@@ -51,7 +51,8 @@ type Stats struct {
 	NotifyQueueUsage float64
 	NotifyQueueAt    time.Time
 
-	// Log is the schema's change log, nil without one.
+	// Log is the schema's change log, nil without one (and without
+	// subscriptions that follow another schema's).
 	Log *LogStats
 }
 
@@ -94,8 +95,9 @@ type LogStats struct {
 	Lags []LogLag
 }
 
-// LogLag is how far a subscription is behind the log.
+// LogLag is how far a subscription is behind the log of its schema.
 type LogLag struct {
+	Schema string
 	// Entries is how many entries it has yet to deliver, as of its last
 	// read of the log.
 	Entries int64
@@ -137,7 +139,7 @@ func (c *Connector) Stats() Stats {
 	for _, subs := range c.logSubs {
 		st.Subscriptions += len(subs)
 		for s := range subs {
-			lag := LogLag{Entries: max(s.logEnd.Load()-s.logPos.Load(), 0)}
+			lag := LogLag{Schema: s.cfg.schema, Entries: max(s.logEnd.Load()-s.logPos.Load(), 0)}
 			if at := s.logAt.Load(); lag.Entries > 0 && at != 0 {
 				lag.Behind = max(now.Sub(time.Unix(0, at)), 0)
 			}
@@ -148,7 +150,7 @@ func (c *Connector) Stats() Stats {
 	if q := c.queueUsage.Load(); q != nil {
 		st.NotifyQueueUsage, st.NotifyQueueAt = q.value, q.at
 	}
-	if c.logged.Load() {
+	if c.logged.Load() || len(lags) > 0 {
 		st.Log = &LogStats{Lags: lags}
 		if size := c.logSize.Load(); size != nil {
 			st.Log.Bytes, st.Log.BytesAt = size.value, size.at

@@ -147,6 +147,14 @@ func tlsRequireSession(t *testing.T, c *pgstore.Connector, ssl bool, clientDN st
 	got, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByPos[session])
 	require.NoError(t, err)
 	require.Equal(t, session{ssl, clientDN}, got)
+
+	report, err := c.Check(ctx)
+	require.NoError(t, err)
+	want := "connections are not encrypted"
+	if ssl {
+		want = "connections use TLS 1."
+	}
+	require.Contains(t, chkFind(t, report, "TLS").Detail, want, "Check says how the connections are secured")
 }
 
 // tlsServer is the test server with SSL on.

@@ -307,6 +307,11 @@ func (tb *tableBatch) markRefused(refused map[string]int64) {
 	}
 	for _, w := range tb.sets {
 		if stored, ok := refused[w.ID]; ok {
+			if stored <= w.Version {
+				// Read in the statement's snapshot, older than the row
+				// its conflict check saw: a write committed meanwhile.
+				stored = 0
+			}
 			w.Err = versionConflict(tb.t.name, w.ID, w.Version, stored)
 		}
 	}

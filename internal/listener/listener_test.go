@@ -129,6 +129,8 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 	require.NoError(t, l.Listen(ctx, "a"))
 	require.NoError(t, l.Listen(ctx, "b"))
 	require.EqualValues(t, 2, listens.done.Load())
+	// The loop marks itself listening just after it lets Listen return.
+	require.Eventually(t, func() bool { return l.State().Listening }, 10*time.Second, time.Millisecond)
 	first := l.State()
 	require.True(t, first.Listening)
 	require.Zero(t, first.Reconnects)
@@ -158,7 +160,7 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 // replaced, and Reconnected comes.
 func TestAnIdleConnectionIsPingedAndASilentOneReplaced(t *testing.T) {
 	proxy, url := pgtest.NewProxy(t)
-	reconnected := make(chan struct{}, 1)
+	reconnected := make(chan struct{}, 8) // Run must not block on it
 	l := &Listener{
 		Connect:     func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, url) },
 		Reconnected: func() { reconnected <- struct{}{} },
@@ -171,10 +173,15 @@ func TestAnIdleConnectionIsPingedAndASilentOneReplaced(t *testing.T) {
 	go func() { defer close(done); l.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 	require.NoError(t, l.Listen(ctx, "a"))
+	// The loop marks itself listening once the channels are listened on,
+	// just after it lets Listen return.
+	require.Eventually(t, func() bool { return l.State().Listening }, 10*time.Second, time.Millisecond)
+	before := l.State()
 
 	// Many idle periods, each ending in a ping that is answered.
 	time.Sleep(10 * l.PingAfter)
-	require.Equal(t, State{Listening: true, Since: l.State().Since}, l.State(), "answered pings keep the connection")
+	require.Equal(t, before, l.State(), "answered pings keep the connection")
+	require.True(t, before.Listening)
 
 	proxy.HoldReplies() // the open connection goes silent; new ones pass
 	select {

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -257,6 +258,16 @@ func (b *Buffer) Stats() Stats {
 	st.Retries = b.retries.Load()
 	return st
 }
+
+// notSent is the error of a write not sent because the retry timeout passed
+// while the batches before it failed with cause.
+type notSent struct{ cause error }
+
+func (e notSent) Error() string {
+	return "pgstore: write not sent: the retry timeout passed while earlier writes failed: " + strings.TrimPrefix(e.cause.Error(), "pgstore: ")
+}
+
+func (e notSent) Unwrap() error { return e.cause }
 
 // retryTimeout marks the errors of writes given up because their retry
 // timeout passed, for Stats.
@@ -591,7 +602,7 @@ func (b *Buffer) flush(ctx context.Context, v *Batch, due, deadline time.Time) {
 			// passing reason, and what is left of its deadline is less
 			// than an attempt may take: it fails with the cause, instead
 			// of each queued batch spending an attempt of its own.
-			failAll(v, retryTimeout{fmt.Errorf("pgstore: write not sent: the retry timeout passed while earlier writes failed: %w", b.failing)})
+			failAll(v, retryTimeout{notSent{b.failing}})
 			return
 		}
 		if attempt > 1 {
