@@ -12,7 +12,8 @@ type Stats struct {
 	// BufferedWrites are writes accepted and not yet durable or failed, and
 	// BufferedBytes what they hold against WithBufferLimit.
 	BufferedWrites, BufferedBytes int
-	// Flushes counts the batches written, whatever their outcome; FlushTime
+	// Flushes counts the batches written (or failed unsent by Close),
+	// whatever their outcome; FlushTime
 	// is the time spent on them all told, retries and resolving lost
 	// answers included, and LastFlushTime that of the last one.
 	Flushes                  int64
@@ -21,7 +22,8 @@ type Stats struct {
 	// one to its key replaced in the buffer shares that one's outcome and
 	// is not counted apart.
 	DurableWrites int64
-	// Retries counts the attempts at a batch after its first.
+	// Retries counts the attempts at a batch after its first; the halves
+	// of a batch too large for the server count as attempts of their own.
 	Retries int64
 	// FailedWrites counts the writes that failed after they were accepted
 	// (and those the version guard refused at once), by cause. A call

@@ -180,7 +180,9 @@ func (l *Listener) lost(ctx context.Context, conn *pgx.Conn, err error) *pgx.Con
 		ch.listening = false
 		ch.unannounce()
 	}
-	l.state.Listening, l.state.Since = false, time.Now()
+	if l.state.Listening {
+		l.state.Listening, l.state.Since = false, time.Now()
+	}
 	l.mu.Unlock()
 	return nil
 }
