@@ -23,7 +23,7 @@ type Stats struct {
 	// is not counted apart.
 	DurableWrites int64
 	// Retries counts the attempts at a batch after its first; the halves
-	// of a batch too large for the server count as attempts of their own.
+	// of a batch too large for the server start over as first attempts.
 	Retries int64
 	// FailedWrites counts the writes that failed after they were accepted
 	// (and those the version guard refused at once), by cause. A call
