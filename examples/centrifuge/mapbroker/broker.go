@@ -33,7 +33,10 @@ var (
 	ErrUnsupported = errors.New("mapbroker: not supported")
 	// ErrOutcomeUnknown is wrapped by the error of a change whose COMMIT
 	// was sent and whose answer was lost: it may have been applied. Retry
-	// it with an IdempotencyKey to apply it at most once.
+	// it with an IdempotencyKey to apply it at most once. The caller's
+	// context does not cut that answer short (a change cancelled then could
+	// commit after its error); a lost connection, or no answer within 30
+	// seconds, does.
 	ErrOutcomeUnknown = errors.New("mapbroker: outcome unknown")
 )
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/centrifugal/centrifuge"
 	"github.com/jackc/pgx/v5"
@@ -32,9 +33,26 @@ import (
 
 var sentinelValue = json.RawMessage(`{"centrifuge":"creating the channel's table"}`)
 
+// ensureTimeout bounds the making of a channel's table and the start of
+// its life, which its caller cannot cut short (see ensure).
+const ensureTimeout = 30 * time.Second
+
 // ensure makes a channel's table if it has none, and starts its life if
 // it has not started (or the table was made again by someone else).
+//
+// Once begun, it runs to its end even if ctx is cancelled meanwhile (a
+// client that subscribed and went away): stopped between pgstore's writes
+// of the sentinel and the start of the life, it would leave a table without
+// a life, with the sentinel in it, and the epoch that readers were told
+// (named after the table's offset before it was made) would not be the one
+// the life takes. A table found without a life all the same (the process
+// ended there) loses its sentinel first.
 func (b *Broker) ensure(ctx context.Context, ch string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("mapbroker: channel %q: %w", ch, err)
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ensureTimeout)
+	defer cancel()
 	b.ensureMu.Lock()
 	defer b.ensureMu.Unlock()
 	err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
@@ -49,7 +67,18 @@ func (b *Broker) ensure(ctx context.Context, ch string) error {
 			return nil
 		}
 		epoch := epochName(m.logID, m.off)
-		if !m.exists() {
+		if m.exists() {
+			// A delete of a record that is not there writes nothing.
+			if err := b.store.Delete(ctx, ch+"/"+sentinelID); err != nil {
+				return fmt.Errorf("remove the sentinel from the channel's table: %w", err)
+			}
+			if m, err = b.readMeta(ctx, tx, ch); err != nil {
+				return err
+			}
+			if !m.exists() {
+				return errors.New("the channel's table was dropped while its life was being started")
+			}
+		} else {
 			// While this transaction holds the lock, no change of the
 			// broker writes to the table: only the sentinel is between
 			// the offset read above and the base read below.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -204,4 +205,77 @@ func TestEnvelopeIsReadableInSQL(t *testing.T) {
 	assert.Equal(t, "x", title)
 	_, err = json.Marshal(recs)
 	require.NoError(t, err)
+}
+
+// A process that ended while it made a channel's table leaves the table
+// without a life, and the sentinel record in it; the next change starts the
+// life and removes the sentinel, which no read ever shows.
+func TestATableLeftWithoutALifeIsTakenOver(t *testing.T) {
+	n := pgOnly(t)
+	ctx := context.Background()
+	require.NoError(t, n.store.Set(ctx, "orphan/"+sentinelID, 0, sentinelValue))
+	pubs, _ := readAll(t, n.broker, "orphan")
+	assert.Empty(t, pubs)
+	res := publish(t, n.broker, "orphan", "k", "v")
+	assert.Equal(t, uint64(1), res.Position.Offset)
+	pubs, pos := readAll(t, n.broker, "orphan")
+	assert.Equal(t, []string{"k=v"}, keysData(pubs))
+	assert.Equal(t, res.Position, pos)
+	stats, err := n.broker.Stats(ctx, "orphan")
+	require.NoError(t, err)
+	assert.Equal(t, 1, stats.NumKeys)
+}
+
+// commitCanceller cancels a context when a batch that ends in COMMIT is
+// sent, once armed.
+type commitCanceller struct {
+	armed  atomic.Bool
+	cancel atomic.Pointer[context.CancelFunc]
+}
+
+func (c *commitCanceller) TraceBatchStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceBatchStartData) context.Context {
+	qs := data.Batch.QueuedQueries
+	if len(qs) > 0 && qs[len(qs)-1].SQL == "COMMIT" && c.armed.CompareAndSwap(true, false) {
+		(*c.cancel.Load())()
+	}
+	return ctx
+}
+func (c *commitCanceller) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+func (c *commitCanceller) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData)     {}
+func (c *commitCanceller) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (c *commitCanceller) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+// A caller that gives up as a change's COMMIT is sent does not cut it short:
+// cut short, a change whose COMMIT was on its way could still commit, after
+// Publish returned an error, and reads made in between would miss it.
+func TestACommitIsNotCutShortByTheCaller(t *testing.T) {
+	t.Parallel()
+	schema := newSchema(t)
+	cfg, err := pgxpool.ParseConfig(testURL(t))
+	require.NoError(t, err)
+	tracer := &commitCanceller{}
+	cfg.ConnConfig.Tracer = tracer
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	store, err := pgstore.New(context.Background(), pool, pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Minute), pgstore.WithLogger(quietLogger()))
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, store.Close(context.Background())) })
+	b, err := New(newNode(t), Config{Store: store, Pool: pool, Logger: quietLogger()})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, b.Close(context.Background())) })
+	publish(t, b, "cars", "first", "1") // the channel's table is made
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	tracer.cancel.Store(&cancel)
+	tracer.armed.Store(true)
+	res, err := b.Publish(ctx, "cars", "k", centrifuge.MapPublishOptions{Data: []byte("v")})
+	require.NoError(t, err)
+	require.False(t, tracer.armed.Load(), "the COMMIT was sent with the context cancelled")
+	assert.Equal(t, uint64(2), res.Position.Offset)
+	pubs, _ := readAll(t, b, "cars")
+	assert.Equal(t, []string{"first=1", "k=v"}, keysData(pubs))
 }

@@ -42,6 +42,10 @@ import (
 // that committed after it looked. A change that cannot have it gives its
 // connection back and tries again (see retry).
 
+// commitTimeout bounds a change's second round trip, the one with its
+// COMMIT, which the caller's context does not cut short (see changeOnce).
+const commitTimeout = 30 * time.Second
+
 // changeAttempts bounds how often a change or a read starts again: when
 // the table turned out to exist or not, or had to be made first.
 const changeAttempts = 5
@@ -171,7 +175,14 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 		return needLife, nil
 	}
 	p.batch.Queue("COMMIT")
-	err = conn.SendBatch(ctx, &p.batch).Close()
+	// Not cut short by ctx: cancelled with its COMMIT sent, the change
+	// could still commit, after Publish returned ErrOutcomeUnknown, and
+	// reads made meanwhile would miss what reads made later see. The
+	// round trip is bounded instead; only an answer that does not come
+	// leaves the outcome unknown.
+	commitCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	err = conn.SendBatch(commitCtx, &p.batch).Close()
 	if err == nil {
 		return done, nil
 	}
