@@ -244,6 +244,7 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 		return row.Scan(&head.log, &head.position, &head.dropped)
 	})
 	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
+		page = make([]logEntry, 0, limit)
 		bytes := 0
 		for rows.Next() {
 			var e logEntry
