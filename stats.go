@@ -1,8 +1,6 @@
 package pgstore
 
-import (
-	"time"
-)
+import "time"
 
 // Stats is a snapshot of what a connector is doing, as pgxpool.Pool.Stat is
 // of a pool. It reads counters only, and sends no query: it is cheap enough
@@ -13,9 +11,9 @@ type Stats struct {
 	// BufferedBytes what they hold against WithBufferLimit.
 	BufferedWrites, BufferedBytes int
 	// Flushes counts the batches written (or failed unsent by Close),
-	// whatever their outcome; FlushTime
-	// is the time spent on them all told, retries and resolving lost
-	// answers included, and LastFlushTime that of the last one.
+	// whatever their outcome; FlushTime is the time spent on them all
+	// told, retries and resolving lost answers included, and LastFlushTime
+	// that of the last one.
 	Flushes                  int64
 	FlushTime, LastFlushTime time.Duration
 	// DurableWrites counts the writes made durable. A write that a later
