@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/pgstore/pgstore/internal/benchkit"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -80,25 +81,25 @@ func changeFigures(ctx context.Context, e *env) error {
 			e.rep.note("change_*: %s lost %d of %d changes (not heard within %v)", side.name, side.lost, e.s.changes, changeTimeout)
 		}
 	}
-	pg50, pg99 := percentiles(pg.event)
-	raw50, raw99 := percentiles(raw.event)
-	pgWrite, _ := percentiles(pg.wrote)
-	rawWrite, _ := percentiles(raw.wrote)
+	pg50, pg99 := benchkit.Percentiles(pg.event)
+	raw50, raw99 := benchkit.Percentiles(raw.event)
+	pgWrite, _ := benchkit.Percentiles(pg.wrote)
+	rawWrite, _ := benchkit.Percentiles(raw.wrote)
 	progress("%s: pgstore p50 %v p99 %v (Set p50 %v); raw p50 %v p99 %v (upsert p50 %v)",
 		figure, pg50, pg99, pgWrite, raw50, raw99, rawWrite)
-	e.rep.set("change_p50", micros(pg50), micros(raw50))
-	e.rep.set("change_p99", micros(pg99), micros(raw99))
-	log50, log99 := percentiles(pgLog.event)
-	logWrite, _ := percentiles(pgLog.wrote)
+	e.rep.set("change_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
+	e.rep.set("change_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
+	log50, log99 := benchkit.Percentiles(pgLog.event)
+	logWrite, _ := benchkit.Percentiles(pgLog.wrote)
 	progress("%s: pgstore with the change log p50 %v p99 %v (Set p50 %v)", figure, log50, log99, logWrite)
-	e.rep.set("change_log_p50", micros(log50), micros(raw50))
-	e.rep.set("change_log_p99", micros(log99), micros(raw99))
+	e.rep.set("change_log_p50", benchkit.Micros(log50), benchkit.Micros(raw50))
+	e.rep.set("change_log_p99", benchkit.Micros(log99), benchkit.Micros(raw99))
 	e.rep.note("change_log_p50/p99: the same, with the change log on, the write through one connector and the subscription on another " +
 		"(another node: woken by the NOTIFY sent after the commit, then reading the log)")
 	e.rep.note("change_p50/p99: %d updates of one key, one at a time, timed from the call of Set (write interval 0, feed on) to the subscriber's handler; "+
 		"ceiling = autocommit single-row upsert into a table with a row-level AFTER trigger doing pg_notify(channel, NEW.id), "+
 		"heard by WaitForNotification on a dedicated pgx.Conn; the sides take turns sample by sample", e.s.changes)
-	e.rep.note("change_*: of which the write until it returned, p50: pgstore Set %.1f µs (%.1f µs with the change log), raw upsert %.1f µs", micros(pgWrite), micros(logWrite), micros(rawWrite))
+	e.rep.note("change_*: of which the write until it returned, p50: pgstore Set %.1f µs (%.1f µs with the change log), raw upsert %.1f µs", benchkit.Micros(pgWrite), benchkit.Micros(logWrite), benchkit.Micros(rawWrite))
 	return nil
 }
 
@@ -151,7 +152,7 @@ func (e *env) pgstoreChangeSide(ctx context.Context, logged bool) (*changeSide, 
 			return nil, err
 		}
 	}
-	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	val := benchkit.AppendValue(nil, 0, 1, e.s.valueBytes)
 	// Create the table first: its CREATE_TABLE event is not a sample.
 	if err := c.Set(ctx, table+"/"+id, 0, val); err != nil {
 		c.close()
@@ -237,7 +238,7 @@ func (e *env) rawChangeSide(ctx context.Context) (*changeSide, error) {
 	}()
 	upsert := "INSERT INTO " + table + " (id, version, val) VALUES ($1, $2, $3)" +
 		" ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
-	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	val := benchkit.AppendValue(nil, 0, 1, e.s.valueBytes)
 	side.write = func(ctx context.Context, version int64) error {
 		_, err := writer.Exec(ctx, upsert, "k", version, val)
 		return err

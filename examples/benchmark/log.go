@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/pgstore/pgstore/internal/benchkit"
 	"runtime"
 	"strconv"
 	"strings"
@@ -86,7 +87,7 @@ func replayFigure(ctx context.Context, e *env) error {
 			if i%4096 == 0 && ctx.Err() != nil {
 				return ctx.Err()
 			}
-			buf = appendValue(buf[:0], i, 1, e.s.valueBytes)
+			buf = benchkit.AppendValue(buf[:0], i, 1, e.s.valueBytes)
 			key = strconv.AppendInt(append(key[:0], table+"/r"...), int64(i), 10)
 			last = c.SetAsync(ctx, string(key), 1, json.RawMessage(buf))
 		}
@@ -507,7 +508,7 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 	const figure, table, id = "fanout", "fanlat", "k"
 	samples := e.s.fanoutSamples
 	total := changeWarmup + samples
-	val := appendValue(nil, 0, 1, e.s.valueBytes)
+	val := benchkit.AppendValue(nil, 0, 1, e.s.valueBytes)
 	if err := c.Set(ctx, table+"/"+id, 0, val); err != nil {
 		return err
 	}
@@ -575,7 +576,7 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 			mine = append(mine, d)
 		}
 		if len(mine) > 0 {
-			_, p99 := percentiles(mine)
+			_, p99 := benchkit.Percentiles(mine)
 			worst = max(worst, p99)
 		}
 		all = append(all, mine...)
@@ -583,12 +584,12 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 	if len(all) == 0 {
 		return errors.New("fanout latency: no change heard")
 	}
-	p50, p99 := percentiles(all)
+	p50, p99 := benchkit.Percentiles(all)
 	progress("%s: delivery to %d subscribers p50 %v p99 %v (worst subscriber's p99 %v), %d of %d lost",
 		figure, len(subs), p50, p99, worst, lost, samples*len(subs))
 	e.rep.note("fanout: delivery latency from the call of Set (write interval 0) to each of the %d subscribing connectors' handlers, "+
 		"one update of one key every %v, %d samples: p50 %.1f µs, p99 %.1f µs over all %d×%d deliveries (worst subscriber's p99 %.1f µs)",
-		len(subs), fanoutInterval, samples, micros(p50), micros(p99), len(subs), samples, micros(worst))
+		len(subs), fanoutInterval, samples, benchkit.Micros(p50), benchkit.Micros(p99), len(subs), samples, benchkit.Micros(worst))
 	if lost > 0 || late != nil {
 		e.rep.note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/pgstore/pgstore/internal/benchkit"
 	"runtime"
 	"runtime/metrics"
 	"strconv"
@@ -80,7 +81,7 @@ func memoryFigure(ctx context.Context, e *env) error {
 			if i%4096 == 0 && ctx.Err() != nil {
 				return ctx.Err()
 			}
-			buf = appendValue(buf[:0], i, 1, e.s.valueBytes)
+			buf = benchkit.AppendValue(buf[:0], i, 1, e.s.valueBytes)
 			key = strconv.AppendInt(append(key[:0], table+"/m"...), int64(i), 10)
 			last = c.SetAsync(ctx, string(key), 1, json.RawMessage(buf))
 		}

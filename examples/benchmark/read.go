@@ -4,8 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/pgstore/pgstore/internal/benchkit"
 	"math/rand/v2"
-	"slices"
 	"sync"
 	"time"
 
@@ -84,10 +84,10 @@ func getFigures(ctx context.Context, e *env) error {
 			return err
 		}
 	}
-	pg50, pg99 := percentiles(pgLat)
-	raw50, raw99 := percentiles(rawLat)
-	e.rep.set("get_p50", micros(pg50), micros(raw50))
-	e.rep.set("get_p99", micros(pg99), micros(raw99))
+	pg50, pg99 := benchkit.Percentiles(pgLat)
+	raw50, raw99 := benchkit.Percentiles(rawLat)
+	e.rep.set("get_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
+	e.rep.set("get_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
 	progress("%s latency: pgstore p50 %v p99 %v, raw p50 %v p99 %v", figure, pg50, pg99, raw50, raw99)
 
 	// Throughput: several goroutines, each side in turn.
@@ -148,13 +148,3 @@ func concurrently(ctx context.Context, g int, sample []int, get func(context.Con
 	}
 	return float64(len(sample)) / elapsed.Seconds(), nil
 }
-
-// percentiles returns the median and the 99th percentile (nearest rank).
-func percentiles(d []time.Duration) (p50, p99 time.Duration) {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	rank := func(p int) time.Duration { return s[max((len(s)*p+99)/100-1, 0)] }
-	return rank(50), rank(99)
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }

@@ -1,0 +1,306 @@
+// Command bench measures the pgstore map broker (package mapbroker) against
+// what bounds it: centrifuge's memory map broker, the same work without a
+// database, and pgstore's own Set, the same durable write without the
+// broker:
+//
+//	cd examples/centrifuge
+//	go run ./bench            # full run, about 30 s
+//	go run ./bench -quick     # under 60 s
+//
+// It measures the publish throughput of 8 concurrent publishers (distinct
+// keys of one channel) and the latency from a Publish call to the node's
+// BrokerEventHandler, the two sides taking turns in one run. It works in
+// fresh schemas that it drops when it ends, also on an error or Ctrl-C. It
+// prints a table (figure, pgstore broker, ceiling, ratio, target) and, as
+// its last line, one JSON object with the broker's value, the ceiling's and
+// their ratio for each figure: broker/ceiling for throughputs,
+// ceiling/broker for latencies, so that higher is better. Progress goes to
+// stderr.
+package main
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
+	"time"
+
+	"github.com/centrifugal/centrifuge"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/examples/centrifuge/mapbroker"
+)
+
+const defaultURL = "postgres://postgres@127.0.0.1:5432/test"
+
+// retention is the change log's: far longer than a run.
+const retention = time.Hour
+
+type settings struct {
+	url          string
+	quick        bool
+	publications int // per side and round of the throughput figures
+	samples      int // latency samples per side
+	goroutines   int
+	rounds       int
+	valueBytes   int
+}
+
+func parseFlags(args []string) (settings, error) {
+	var s settings
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.StringVar(&s.url, "url", "", "PostgreSQL connection string (default: $DATABASE_URL, else "+defaultURL+")")
+	fs.BoolVar(&s.quick, "quick", false, "small sizes and one round: finishes in under 60 s")
+	fs.IntVar(&s.publications, "publications", 0, "publications per side and round of the throughput figures (default 5000, -quick 3000)")
+	fs.IntVar(&s.samples, "samples", 0, "latency samples per side (default 1000, -quick 500)")
+	fs.IntVar(&s.goroutines, "goroutines", 8, "concurrent publishers of the throughput figures")
+	fs.IntVar(&s.rounds, "rounds", 0, "rounds of each throughput figure, best kept (default 3, -quick 1)")
+	fs.IntVar(&s.valueBytes, "value-bytes", 200, "size of each publication's JSON data")
+	if err := fs.Parse(args); err != nil {
+		return s, err
+	}
+	if fs.NArg() > 0 {
+		return s, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	s.url = cmp.Or(s.url, os.Getenv("DATABASE_URL"), defaultURL)
+	byMode := func(v *int, full, quick int) {
+		if *v == 0 {
+			*v = full
+			if s.quick {
+				*v = quick
+			}
+		}
+	}
+	byMode(&s.publications, 5_000, 3_000)
+	byMode(&s.samples, 1_000, 500)
+	byMode(&s.rounds, 3, 1)
+	for _, n := range []int{s.publications, s.samples, s.goroutines, s.rounds} {
+		if n < 1 {
+			return s, errors.New("sizes, -goroutines and -rounds must be at least 1")
+		}
+	}
+	if s.valueBytes < 160 {
+		return s, errors.New("-value-bytes must be at least 160")
+	}
+	return s, nil
+}
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	s, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills at once
+	}()
+
+	rep := newReport()
+	err = measure(ctx, s, rep)
+	rep.print(os.Stdout, s)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	return 0
+}
+
+// env is what every figure works with.
+type env struct {
+	s   settings
+	rep *report
+	raw *pgxpool.Pool // setup and checks
+	// brokerSchema holds the pgstore broker's channels, setSchema the
+	// tables of the Set reference: a change log (and its lock) each.
+	brokerSchema, setSchema string
+}
+
+func measure(ctx context.Context, s settings, rep *report) error {
+	raw, err := pgxpool.New(ctx, s.url)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	if err := raw.Ping(ctx); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	if err := raw.QueryRow(ctx, "SHOW server_version").Scan(&rep.server); err != nil {
+		return err
+	}
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	name := "pgstore_cfbench_" + hex.EncodeToString(b[:])
+	e := &env{s: s, rep: rep, raw: raw, brokerSchema: name + "_broker", setSchema: name + "_set"}
+	defer e.dropSchemas()
+
+	for _, f := range []struct {
+		name string
+		run  func(context.Context, *env) error
+	}{
+		{"publish", publishFigures},
+		{"latency", latencyFigures},
+	} {
+		start := time.Now()
+		if err := f.run(ctx, e); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%s: interrupted: %w", f.name, err)
+			}
+			return fmt.Errorf("%s: %w", f.name, err)
+		}
+		progress("%s: done in %v", f.name, time.Since(start).Round(time.Millisecond))
+		runtime.GC()
+	}
+	return nil
+}
+
+// dropSchemas runs when the run ends, however it ends: with a context of its
+// own, since the run's may be cancelled.
+func (e *env) dropSchemas() {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, s := range []string{e.brokerSchema, e.setSchema} {
+		if _, err := e.raw.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE"); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: drop schema %q: %v\n", s, err)
+		}
+	}
+}
+
+// channelOptions are every channel's: persistent, with the command's default
+// stream, for both brokers.
+func channelOptions(string) centrifuge.MapChannelOptions {
+	return centrifuge.MapChannelOptions{Mode: centrifuge.MapModePersistent, StreamSize: 10_000, StreamTTL: 10 * time.Minute}
+}
+
+func newNode() (*centrifuge.Node, error) {
+	return centrifuge.New(centrifuge.Config{Map: centrifuge.MapConfig{GetMapChannelOptions: channelOptions}})
+}
+
+// A store is a pgstore connector with the change log on, on a pool of its
+// own large enough for every publisher.
+type store struct {
+	*pgstore.Connector
+	pool *pgxpool.Pool
+}
+
+func (e *env) connect(ctx context.Context, schema string) (*store, error) {
+	cfg, err := pgxpool.ParseConfig(e.s.url)
+	if err != nil {
+		return nil, err
+	}
+	cfg.MaxConns = max(cfg.MaxConns, int32(e.s.goroutines+4))
+	s := &store{}
+	if s.pool, err = pgxpool.NewWithConfig(ctx, cfg); err != nil {
+		return nil, err
+	}
+	s.Connector, err = pgstore.New(ctx, s.pool, pgstore.WithSchema(schema), pgstore.WithChangeLog(retention))
+	if err != nil {
+		s.pool.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// close closes the connector and its pool, also after the run's context
+// ended.
+func (s *store) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: close connector:", err)
+	}
+	s.pool.Close()
+}
+
+// A pgNode is a centrifuge node's pgstore broker, on a store of its own,
+// delivering to a handler of the benchmark's.
+type pgNode struct {
+	store   *store
+	broker  *mapbroker.Broker
+	handler *handler
+}
+
+// openPgNode opens a node whose handler watches channel watched, and
+// subscribes it to watched and channels.
+func (e *env) openPgNode(ctx context.Context, watched string, channels ...string) (*pgNode, error) {
+	st, err := e.connect(ctx, e.brokerSchema)
+	if err != nil {
+		return nil, err
+	}
+	node, err := newNode()
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	// The broker logs what it cannot return (failed deliveries): to stderr.
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	b, err := mapbroker.New(node, mapbroker.Config{Store: st.Connector, Pool: st.pool, Logger: logger})
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	n := &pgNode{store: st, broker: b, handler: newHandler(watched)}
+	if err := b.RegisterEventHandler(n.handler); err != nil {
+		n.close()
+		return nil, err
+	}
+	if err := b.Subscribe(append([]string{watched}, channels...)...); err != nil {
+		n.close()
+		return nil, err
+	}
+	return n, nil
+}
+
+func (n *pgNode) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := n.broker.Close(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: close broker:", err)
+	}
+	n.store.close()
+}
+
+// openMemoryBroker is centrifuge's memory map broker on a node of its own.
+func openMemoryBroker(watched string) (*centrifuge.MemoryMapBroker, *handler, error) {
+	node, err := newNode()
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := centrifuge.NewMemoryMapBroker(node, centrifuge.MemoryMapBrokerConfig{})
+	if err != nil {
+		return nil, nil, err
+	}
+	h := newHandler(watched)
+	if err := b.RegisterEventHandler(h); err != nil {
+		return nil, nil, err
+	}
+	return b, h, nil
+}
+
+// progress reports what the run is doing, on stderr.
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, format+"\n", args...)
+}
+
+func ident(schema, table string) string { return pgx.Identifier{schema, table}.Sanitize() }
