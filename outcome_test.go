@@ -78,7 +78,9 @@ func TestACommittedBatchWhoseAnswerIsLostIsReportedCommittedAndNotAppliedAgain(t
 		t.Run(fmt.Sprintf("version guard %v", guard), func(t *testing.T) {
 			t.Parallel()
 			ctx := testCtx(t)
-			c, proxy, schema := connectThroughProxy(t, pgstore.WithVersionGuard(guard))
+			// Both writes in one batch, the one whose answer is lost: a
+			// write interval gathers them.
+			c, proxy, schema := connectThroughProxy(t, pgstore.WithVersionGuard(guard), pgstore.WithWriteInterval(50*time.Millisecond))
 			other := connectSchema(t, schema, pgstore.WithVersionGuard(guard))
 			require.NoError(t, other.Set(ctx, "k/refused", 10, "newer"))
 
