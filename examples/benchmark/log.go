@@ -214,16 +214,9 @@ func (e *env) rawReplay(ctx context.Context, from, to int64) (float64, error) {
 		return 0, err
 	}
 	defer conn.Release()
-	sql := "SELECT position, off, tbl, id, op, version, val FROM " + ident(e.logged, "pgstore/log_entries") +
-		" WHERE position > $1 ORDER BY position LIMIT 500"
-	var (
-		position, off int64
-		tbl, op       string
-		id            pgtype.Text
-		version       pgtype.Int8
-		val           []byte
-	)
-	dest := []any{&position, &off, &tbl, &id, &op, &version, &val}
+	sql := rawPageSQL(e.logged)
+	var entry rawEntry
+	dest := entry.dest()
 	t0 := time.Now()
 	pos, read := from, 0
 	for pos < to {
@@ -237,7 +230,7 @@ func (e *env) rawReplay(ctx context.Context, from, to int64) (float64, error) {
 				rows.Close()
 				return 0, fmt.Errorf("raw: %w", err)
 			}
-			pos = position
+			pos = entry.position
 			page++
 		}
 		if err := rows.Err(); err != nil {
@@ -422,8 +415,7 @@ func (e *env) rawFollowers(ctx context.Context, n int, table string, want int64,
 	}
 	sum := sha256.Sum256([]byte(e.logged))
 	channel := "pgstore_log_" + hex.EncodeToString(sum[:12]) // as pgstore names it
-	sql := "SELECT position, off, tbl, id, op, version, val FROM " + ident(e.logged, "pgstore/log_entries") +
-		" WHERE position > $1 ORDER BY position LIMIT 500"
+	sql := rawPageSQL(e.logged)
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	stop := func() {
@@ -443,14 +435,8 @@ func (e *env) rawFollowers(ctx context.Context, n int, table string, want int64,
 		}
 		wg.Go(func() {
 			defer conn.Close(context.Background())
-			var (
-				position, off int64
-				tbl, op       string
-				id            pgtype.Text
-				version       pgtype.Int8
-				val           []byte
-			)
-			dest := []any{&position, &off, &tbl, &id, &op, &version, &val}
+			var entry rawEntry
+			dest := entry.dest()
 			pos, inserts := from, int64(0)
 			for ctx.Err() == nil {
 				page := 0
@@ -459,8 +445,8 @@ func (e *env) rawFollowers(ctx context.Context, n int, table string, want int64,
 					if rows.Scan(dest...) != nil {
 						break
 					}
-					pos, page = position, page+1
-					if tbl == table && op == "I" {
+					pos, page = entry.position, page+1
+					if entry.tbl == table && entry.op == "I" {
 						if inserts++; inserts == want {
 							heard()
 						}
@@ -594,4 +580,25 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 		e.rep.note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
 	}
 	return nil
+}
+
+// rawPageSQL is the raw ceiling's read of the log: a page of every column
+// after a position ($1).
+func rawPageSQL(schema string) string {
+	return "SELECT position, off, tbl, id, op, version, val FROM " + ident(schema, "pgstore/log_entries") +
+		" WHERE position > $1 ORDER BY position LIMIT 500"
+}
+
+// A rawEntry is a row of rawPageSQL, scanned into the same variables row
+// after row.
+type rawEntry struct {
+	position, off int64
+	tbl, op       string
+	id            pgtype.Text
+	version       pgtype.Int8
+	val           []byte
+}
+
+func (r *rawEntry) dest() []any {
+	return []any{&r.position, &r.off, &r.tbl, &r.id, &r.op, &r.version, &r.val}
 }
