@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
@@ -43,8 +42,9 @@ func TestStatsCountWritesFailuresAndTheListener(t *testing.T) {
 	require.Equal(t, int64(3), st.EventsDelivered)
 
 	// A lost LISTEN connection is replaced, and counted.
-	pool := pgtest.Pool(t)
-	_, err = pool.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1", "LISTEN "+pgx.Identifier{schema}.Sanitize())
+	pids := listenerPIDs(t, schema)
+	require.Len(t, pids, 1)
+	_, err = pgtest.Pool(t).Exec(ctx, "SELECT pg_terminate_backend($1)", pids[0])
 	require.NoError(t, err)
 	waitUntil(t, ctx, "the listener reconnects", func() bool {
 		l := c.Stats().Listener

@@ -29,7 +29,7 @@ type TraceFlushStartData struct {
 // outcome, after retries and the resolution of a lost answer.
 type TraceFlushEndData struct {
 	Durable, Failed int
-	Err             error // the first failed write's error
+	Err             error // one failed write's error, if any failed
 }
 
 // WithTracer sets a Tracer of the connector's flushes.

@@ -535,19 +535,7 @@ func (b *Buffer) loop(ctx context.Context) {
 		} else {
 			b.flush(fctx, view, bt.due, bt.due.Add(b.cfg.RetryTimeout))
 		}
-		var durable, failed int
-		var firstErr error
-		view.each(func(w *Write) {
-			if w.Err == nil {
-				durable++
-				return
-			}
-			if failed++; firstErr == nil {
-				firstErr = w.Err
-			}
-		})
-		done(durable, failed, firstErr)
-		b.complete(bt, time.Since(began))
+		b.complete(bt, time.Since(began), done)
 	}
 }
 
@@ -704,7 +692,9 @@ func (b *Buffer) resolve(ctx context.Context, v *Batch, deadline time.Time) (boo
 // complete removes a flushed batch from the buffer, then reports each
 // write's outcome: once a write has failed, readers no longer see it, and
 // once it has succeeded, they find it in the table.
-func (b *Buffer) complete(bt *batch, took time.Duration) {
+//
+// It tells observed the writes' outcomes before anyone else learns them.
+func (b *Buffer) complete(bt *batch, took time.Duration, observed func(durable, failed int, err error)) {
 	b.mu.Lock()
 	b.batches = b.batches[1:]
 	b.bytes -= bt.bytes
@@ -721,18 +711,25 @@ func (b *Buffer) complete(bt *batch, took time.Duration) {
 	b.stats.Flushes++
 	b.stats.FlushTime += took
 	b.stats.LastFlushTime = took
+	var durable, failed int
+	var firstErr error
 	for _, t := range bt.tables {
 		for _, w := range t.writes {
 			if w.Err == nil {
-				b.stats.Durable++
-			} else {
-				b.countFailureLocked(w.Err)
+				durable++
+				continue
 			}
+			if failed++; firstErr == nil {
+				firstErr = w.Err
+			}
+			b.countFailureLocked(w.Err)
 		}
 	}
+	b.stats.Durable += int64(durable)
 	close(b.room)
 	b.room = make(chan struct{})
 	b.mu.Unlock()
+	observed(durable, failed, firstErr)
 
 	for _, t := range bt.tables {
 		for _, w := range t.writes {
