@@ -873,3 +873,32 @@ func TestATablePolicyThatWritesToANewTableIsToldSoInsteadOfWaitingForItself(t *t
 	require.ErrorContains(t, fromPolicy, "the table policy may not write to a table the connector has not written to yet")
 	require.NoError(t, c.Set(ctx, "audit/x", 1, "x"), "outside the policy, the table is asked about as usual")
 }
+
+// The LISTEN connection is a connection of its own, beyond the pool's limit,
+// as the README and Stats say: with pool_max_conns=2 a subscribing connector
+// whose pool is in full use holds three sessions.
+func TestTheListenConnectionIsOneBeyondPoolMaxConns(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	app := "pgstore_test_" + strings.ReplaceAll(pgtest.Schema(t), "pgstore_test_", "")
+	u := pgtest.URL(t)
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	c, err := pgstore.Connect(ctx, u+sep+"pool_max_conns=2&application_name="+app, pgstore.WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	defer c.Close(ctx)
+	sub, err := c.Subscribe(ctx, func(pgstore.Event) {})
+	require.NoError(t, err)
+	defer sub.Close(ctx)
+	for range 2 { // both pooled connections, held by open results
+		rows, err := c.Query(ctx, "SELECT 1")
+		require.NoError(t, err)
+		defer rows.Close()
+	}
+	var sessions int
+	require.NoError(t, pgtest.Pool(t).QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app).Scan(&sessions))
+	require.Equal(t, 3, sessions, "two pooled, and the LISTEN connection")
+	require.True(t, c.Stats().Listener.Listening)
+}
