@@ -304,14 +304,12 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey}, func(st *txState) (*plan, error) {
 		m := st.meta
 		epoch := m.epoch()
-		res = centrifuge.MapUpdateResult{Position: m.streamPosition()}
+		var repeated bool
+		if res, repeated = startResult(st); repeated {
+			return nil, nil
+		}
 		suppress := func(reason centrifuge.SuppressReason) {
 			res.Suppressed, res.SuppressReason = true, reason
-		}
-		if st.idem != nil {
-			res.Position = *st.idem
-			suppress(centrifuge.SuppressReasonIdempotency)
-			return nil, nil
 		}
 		rec, exists := st.records[key]
 		version, versionEpoch := opts.Version, opts.VersionEpoch
@@ -341,20 +339,8 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 			suppress(centrifuge.SuppressReasonKeyNotFound)
 			return nil, nil
 		}
-		if exp := opts.ExpectedPosition; exp != nil {
-			if !exists {
-				suppress(centrifuge.SuppressReasonPositionMismatch)
-				return nil, nil
-			}
-			if offsetOf(rec.version) != exp.Offset || epoch != exp.Epoch {
-				suppress(centrifuge.SuppressReasonPositionMismatch)
-				pub, err := rec.entry.publication(key, offsetOf(rec.version))
-				if err != nil {
-					return nil, err
-				}
-				res.CurrentEntry = &centrifuge.MapCurrentEntry{Offset: offsetOf(rec.version), Data: pub.Data}
-				return nil, nil
-			}
+		if mismatch, err := positionMismatch(&res, opts.ExpectedPosition, key, rec, exists, epoch); mismatch || err != nil {
+			return nil, err
 		}
 		if !m.ready() {
 			return &plan{needLife: true}, nil
@@ -417,32 +403,18 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey}, func(st *txState) (*plan, error) {
 		m := st.meta
 		epoch := m.epoch()
-		res = centrifuge.MapUpdateResult{Position: m.streamPosition()}
+		var repeated bool
+		if res, repeated = startResult(st); repeated {
+			return nil, nil
+		}
 		suppress := func(reason centrifuge.SuppressReason) {
 			res.Suppressed, res.SuppressReason = true, reason
-		}
-		if st.idem != nil {
-			res.Position = *st.idem
-			suppress(centrifuge.SuppressReasonIdempotency)
-			return nil, nil
 		}
 		rec, exists := st.records[key]
 		// Compare-and-swap first: a caller that expects a position must
 		// hear that the key moved on, even when it is gone.
-		if exp := opts.ExpectedPosition; exp != nil {
-			if !exists {
-				suppress(centrifuge.SuppressReasonPositionMismatch)
-				return nil, nil
-			}
-			if offsetOf(rec.version) != exp.Offset || epoch != exp.Epoch {
-				suppress(centrifuge.SuppressReasonPositionMismatch)
-				pub, err := rec.entry.publication(key, offsetOf(rec.version))
-				if err != nil {
-					return nil, err
-				}
-				res.CurrentEntry = &centrifuge.MapCurrentEntry{Offset: offsetOf(rec.version), Data: pub.Data}
-				return nil, nil
-			}
+		if mismatch, err := positionMismatch(&res, opts.ExpectedPosition, key, rec, exists, epoch); mismatch || err != nil {
+			return nil, err
 		}
 		if !exists {
 			suppress(centrifuge.SuppressReasonKeyNotFound)
@@ -538,4 +510,39 @@ func (b *Broker) expireKeys(ctx context.Context, ch string, keys []string) error
 // to the table without the broker may hold any version.
 func offsetOf(version int64) uint64 {
 	return uint64(max(version, 0))
+}
+
+// startResult starts a change's result at the channel's position; when the
+// change's idempotency key was seen before, it is that change's result,
+// suppressed, and repeated reports it.
+func startResult(st *txState) (res centrifuge.MapUpdateResult, repeated bool) {
+	res = centrifuge.MapUpdateResult{Position: st.meta.streamPosition()}
+	if st.idem != nil {
+		res.Position = *st.idem
+		res.Suppressed, res.SuppressReason = true, centrifuge.SuppressReasonIdempotency
+		return res, true
+	}
+	return res, false
+}
+
+// positionMismatch applies a change's compare-and-swap: when the key is not
+// at the expected position (or gone), it suppresses the change in res, with
+// the key's current entry if it has one, and reports true.
+func positionMismatch(res *centrifuge.MapUpdateResult, exp *centrifuge.StreamPosition, key string, rec record, exists bool, epoch string) (bool, error) {
+	if exp == nil {
+		return false, nil
+	}
+	if exists && offsetOf(rec.version) == exp.Offset && epoch == exp.Epoch {
+		return false, nil
+	}
+	res.Suppressed, res.SuppressReason = true, centrifuge.SuppressReasonPositionMismatch
+	if !exists {
+		return true, nil
+	}
+	pub, err := rec.entry.publication(key, offsetOf(rec.version))
+	if err != nil {
+		return true, err
+	}
+	res.CurrentEntry = &centrifuge.MapCurrentEntry{Offset: offsetOf(rec.version), Data: pub.Data}
+	return true, nil
 }
