@@ -3,104 +3,33 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstore/pgstore/examples/centrifuge/internal/cftest"
 )
 
 // waitTimeout bounds every wait of a test: reaching it fails the test. It is
 // generous because the machine may be busy with other tests.
 const waitTimeout = 30 * time.Second
 
-// The test server: PGSTORE_TEST_DATABASE_URL, else the local default. The
-// tests that need one are skipped without it, and fail under CI=true.
-const (
-	envURL   = "PGSTORE_TEST_DATABASE_URL"
-	localURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
-)
-
-var (
-	serverOnce sync.Once
-	serverURL  string
-	serverErr  error
-)
-
-// skipOrFail skips the test for want of something it needs, or fails it
-// under CI=true, where everything must be there.
-func skipOrFail(t testing.TB, msg string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-}
-
-func testURL(t testing.TB) string {
-	t.Helper()
-	serverOnce.Do(func() {
-		serverURL = os.Getenv(envURL)
-		if serverURL == "" {
-			serverURL = localURL
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, serverURL)
-		if err != nil {
-			serverErr = fmt.Errorf("no PostgreSQL for the tests at %s (set %s to another): %w", serverURL, envURL, err)
-			return
-		}
-		serverErr = conn.Close(ctx)
-	})
-	if serverErr != nil {
-		skipOrFail(t, serverErr.Error())
-	}
-	return serverURL
-}
-
-// testSchemas are the schemas this process made, dropped by their tests and
-// looked for once more by TestMain.
-var testSchemas sync.Map
+// testURL is cftest's, under the name the tests use.
+var testURL = cftest.URL
 
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
-	url := testURL(t)
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	schema := "centrifuge_test_" + hex.EncodeToString(b[:])
-	testSchemas.Store(schema, true)
-	t.Cleanup(func() {
-		if err := dropSchema(url, schema); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-		testSchemas.Delete(schema)
-	})
-	return schema
-}
-
-func dropSchema(url, schema string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
-	return err
+	return cftest.Schema(t, "centrifuge_test_")
 }
 
 // A node is a Server on a pool of its own, served on loopback.
@@ -228,7 +157,7 @@ func startJS(t testing.TB) *js {
 	t.Helper()
 	path, err := exec.LookPath("node")
 	if err != nil {
-		skipOrFail(t, "no node on $PATH for the centrifuge-js clients (Node.js 20 or later)")
+		cftest.SkipOrFail(t, "no node on $PATH for the centrifuge-js clients (Node.js 20 or later)")
 	}
 	cmd := exec.Command(path, "--experimental-websocket", "--no-warnings", "testdata/mapclient.js")
 	stdin, err := cmd.StdinPipe()

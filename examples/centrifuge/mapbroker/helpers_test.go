@@ -2,93 +2,27 @@ package mapbroker
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/centrifugal/centrifuge"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/examples/centrifuge/internal/cftest"
 )
 
-// The test server: PGSTORE_TEST_DATABASE_URL, else the local default. The
-// tests that need one are skipped without it, and fail under CI=true.
-const (
-	envURL   = "PGSTORE_TEST_DATABASE_URL"
-	localURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
-)
-
-var (
-	serverOnce sync.Once
-	serverURL  string
-	serverErr  error
-)
-
-func testURL(t testing.TB) string {
-	t.Helper()
-	serverOnce.Do(func() {
-		serverURL = os.Getenv(envURL)
-		if serverURL == "" {
-			serverURL = localURL
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, serverURL)
-		if err != nil {
-			serverErr = fmt.Errorf("no PostgreSQL for the tests at %s (set %s to another): %w", serverURL, envURL, err)
-			return
-		}
-		serverErr = conn.Close(ctx)
-	})
-	if serverErr != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(serverErr)
-		}
-		t.Skip(serverErr)
-	}
-	return serverURL
-}
-
-// testSchemas are the schemas this process made, dropped by their tests and
-// looked for once more by TestMain.
-var testSchemas sync.Map
+// testURL is cftest's, under the name the tests use.
+var testURL = cftest.URL
 
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
-	url := testURL(t)
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	schema := "mapbroker_test_" + hex.EncodeToString(b[:])
-	testSchemas.Store(schema, true)
-	t.Cleanup(func() {
-		if err := dropSchema(url, schema); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-		testSchemas.Delete(schema)
-	})
-	return schema
-}
-
-func dropSchema(url, schema string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
-	return err
+	return cftest.Schema(t, "mapbroker_test_")
 }
 
 // channelOptions are the map options of the tests' channels, by name

@@ -1,0 +1,146 @@
+// Package cftest holds the test scaffolding that the centrifuge example's
+// packages (the command and mapbroker) share: finding the PostgreSQL server,
+// a schema of each test's own, and TestMain's sweep and leak check.
+//
+// It is not the module root's internal/pgtest, although that one's path is
+// importable from here: pgtest falls back to a testcontainers server, which
+// would pull testcontainers-go and Docker's client into this module, and
+// these tests only ever use a server that is already running.
+package cftest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
+)
+
+// The test server: PGSTORE_TEST_DATABASE_URL, else the local default, as for
+// the module root's tests. The tests that need one are skipped without it,
+// and fail under CI=true.
+const (
+	EnvURL   = "PGSTORE_TEST_DATABASE_URL"
+	LocalURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+)
+
+// SkipOrFail skips the test for want of something it needs, or fails it
+// under CI=true, where everything must be there.
+func SkipOrFail(t testing.TB, msg string) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+var (
+	serverOnce sync.Once
+	serverURL  string
+	serverErr  error
+)
+
+// URL returns the test server's connection string, or skips the test (fails
+// it under CI=true) when no server answers. The server is looked for once a
+// process, so that a missing one costs one timeout, not one per test.
+func URL(t testing.TB) string {
+	t.Helper()
+	serverOnce.Do(func() {
+		serverURL = os.Getenv(EnvURL)
+		if serverURL == "" {
+			serverURL = LocalURL
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, serverURL)
+		if err != nil {
+			serverErr = fmt.Errorf("no PostgreSQL for the tests at %s (set %s to another): %w", serverURL, EnvURL, err)
+			return
+		}
+		serverErr = conn.Close(ctx)
+	})
+	if serverErr != nil {
+		SkipOrFail(t, serverErr.Error())
+	}
+	return serverURL
+}
+
+// schemas are the schemas this process named, by name, with the URL of
+// their server: dropped by their tests' cleanups, and looked for once more
+// by Main, since a test that failed before its cleanup ran may leave one.
+var schemas sync.Map
+
+// Schema names a schema of the test's own, prefix followed by random hex,
+// and drops it with all it holds when the test ends. The schema itself is
+// not created: the code under test does that.
+func Schema(t testing.TB, prefix string) string {
+	t.Helper()
+	url := URL(t)
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	schema := prefix + hex.EncodeToString(b[:])
+	schemas.Store(schema, url)
+	t.Cleanup(func() {
+		if err := DropSchema(url, schema); err != nil {
+			t.Errorf("drop schema %s: %v", schema, err)
+		}
+		schemas.Delete(schema)
+	})
+	return schema
+}
+
+// DropSchema drops a schema and all it holds, if it exists. It takes no
+// testing.TB because Main calls it after the tests have ended.
+func DropSchema(url, schema string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
+	return err
+}
+
+// Main is a TestMain: it runs the tests, drops the schemas of Schema that
+// are still there, and, when everything passed, fails the run if goroutines
+// are left running after leakWait (see FindLeaks). It does not return.
+func Main(m *testing.M, leakWait time.Duration) {
+	code := m.Run()
+	schemas.Range(func(k, v any) bool {
+		if err := DropSchema(v.(string), k.(string)); err != nil {
+			fmt.Fprintf(os.Stderr, "drop schema %s: %v\n", k, err)
+			code = 1
+		}
+		return true
+	})
+	if code == 0 {
+		if err := FindLeaks(leakWait); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// FindLeaks looks for goroutines left running for up to wait, beyond
+// goleak's own retries (which end after about half a second): a goroutine
+// the code under test does not wait for may end later than that. A wait of
+// zero is one goleak.Find.
+func FindLeaks(wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		err := goleak.Find()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
