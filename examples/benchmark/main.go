@@ -17,44 +17,34 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
-	"flag"
 	"fmt"
 	"os"
-	"os/signal"
-	"runtime"
 	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
-
-const defaultURL = "postgres://postgres@127.0.0.1:5432/test"
 
 // figureGroups are the parts of the run that -figures selects, in run order.
 var figureGroups = []figureGroup{
-	{"write", writeFigures},
-	{"concurrent", concurrentFigure},
-	{"get", getFigures},
-	{"change", changeFigures},
-	{"log", logFigures},
-	{"memory", memoryFigure},
+	{Name: "write", Run: writeFigures},
+	{Name: "concurrent", Run: concurrentFigure},
+	{Name: "get", Run: getFigures},
+	{Name: "change", Run: changeFigures},
+	{Name: "log", Run: logFigures},
+	{Name: "memory", Run: memoryFigure},
 }
 
-type figureGroup struct {
-	name string
-	run  func(context.Context, *env) error
-}
+type figureGroup = benchkit.Step[*env]
 
 type settings struct {
 	url        string
@@ -77,55 +67,26 @@ type settings struct {
 
 func parseFlags(args []string) (settings, error) {
 	var s settings
-	fs := flag.NewFlagSet("benchmark", flag.ContinueOnError)
-	fs.StringVar(&s.url, "url", "", "PostgreSQL connection string (default: $DATABASE_URL, else "+defaultURL+")")
-	fs.BoolVar(&s.quick, "quick", false, "small sizes and one round: finishes in under 45 s")
-	fs.IntVar(&s.records, "records", 0, "records written per write figure (default 100000, -quick 20000)")
-	fs.IntVar(&s.concurrent, "concurrent-records", 0, "records written by the concurrent Set figure (default 20000, -quick 4000)")
-	fs.IntVar(&s.gets, "gets", 0, "Get samples (default 10000, -quick 2000)")
-	fs.IntVar(&s.changes, "changes", 0, "change-latency samples (default 2000, -quick 300)")
-	fs.IntVar(&s.replayEntries, "replay-entries", 0, "log entries the replay figure's subscription starts behind (default 1000000, -quick 100000)")
-	fs.IntVar(&s.fanoutSamples, "fanout-samples", 0, "delivery-latency samples of the fanout figure, one every 10 ms (default 500, -quick 300)")
-	fs.IntVar(&s.memRecords, "mem-records", 0, "records written by the memory figure (default 1000000, -quick 200000)")
-	fs.IntVar(&s.goroutines, "goroutines", 8, "goroutines of the concurrent figures")
-	fs.IntVar(&s.rounds, "rounds", 0, "rounds of each throughput figure, best kept (default 3, -quick 1)")
-	fs.IntVar(&s.valueBytes, "value-bytes", 200, "size of each record's JSON value")
+	fs := benchkit.NewFlags("benchmark", &s.url, &s.quick, "small sizes and one round: finishes in under 45 s")
+	fs.Sized(&s.records, "records", 100_000, 20_000, "records written per write figure (default 100000, -quick 20000)")
+	// the raw side writes a row per round trip
+	fs.Sized(&s.concurrent, "concurrent-records", 20_000, 4_000, "records written by the concurrent Set figure (default 20000, -quick 4000)")
+	fs.Sized(&s.gets, "gets", 10_000, 2_000, "Get samples (default 10000, -quick 2000)")
+	fs.Sized(&s.changes, "changes", 2_000, 300, "change-latency samples (default 2000, -quick 300)")
+	fs.Sized(&s.replayEntries, "replay-entries", 1_000_000, 100_000, "log entries the replay figure's subscription starts behind (default 1000000, -quick 100000)")
+	fs.Sized(&s.fanoutSamples, "fanout-samples", 500, 300, "delivery-latency samples of the fanout figure, one every 10 ms (default 500, -quick 300)")
+	fs.Sized(&s.memRecords, "mem-records", 1_000_000, 200_000, "records written by the memory figure (default 1000000, -quick 200000)")
+	fs.Positive(&s.goroutines, "goroutines", 8, "goroutines of the concurrent figures")
+	fs.Sized(&s.rounds, "rounds", 3, 1, "rounds of each throughput figure, best kept (default 3, -quick 1)")
+	fs.ValueBytes(&s.valueBytes, "size of each record's JSON value")
 	figures := fs.String("figures", "write,concurrent,get,change,log,memory", "figures to measure, comma-separated")
 	fs.StringVar(&s.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
 	if err := fs.Parse(args); err != nil {
 		return s, err
 	}
-	if fs.NArg() > 0 {
-		return s, fmt.Errorf("unexpected arguments: %q", fs.Args())
-	}
-	s.url = cmp.Or(s.url, os.Getenv("DATABASE_URL"), defaultURL)
-	byMode := func(v *int, full, quick int) {
-		if *v == 0 {
-			*v = full
-			if s.quick {
-				*v = quick
-			}
-		}
-	}
-	byMode(&s.records, 100_000, 20_000)
-	byMode(&s.concurrent, 20_000, 4_000) // the raw side writes a row per round trip
-	byMode(&s.gets, 10_000, 2_000)
-	byMode(&s.changes, 2_000, 300)
-	byMode(&s.replayEntries, 1_000_000, 100_000)
-	byMode(&s.fanoutSamples, 500, 300)
-	byMode(&s.memRecords, 1_000_000, 200_000)
-	byMode(&s.rounds, 3, 1)
-	for _, n := range []int{s.records, s.concurrent, s.gets, s.changes, s.replayEntries, s.fanoutSamples, s.memRecords, s.goroutines, s.rounds} {
-		if n < 1 {
-			return s, errors.New("sizes, -goroutines and -rounds must be at least 1")
-		}
-	}
-	if s.valueBytes < 160 {
-		return s, errors.New("-value-bytes must be at least 160")
-	}
 	for _, f := range strings.Split(*figures, ",") {
 		f = strings.TrimSpace(f)
-		if !slices.ContainsFunc(figureGroups, func(g figureGroup) bool { return g.name == f }) {
+		if !slices.ContainsFunc(figureGroups, func(g figureGroup) bool { return g.Name == f }) {
 			return s, fmt.Errorf("-figures: unknown figure %q", f)
 		}
 		s.figures = append(s.figures, f)
@@ -134,47 +95,25 @@ func parseFlags(args []string) (settings, error) {
 }
 
 func main() {
-	os.Exit(run())
+	os.Exit(benchkit.Main("benchmark", os.Args[1:], parseFlags, run))
 }
 
-func run() int {
-	s, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "benchmark:", err)
-		return 2
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills at once
-	}()
-
+func run(ctx context.Context, s settings) error {
 	if s.cpuProfile != "" {
 		f, err := os.Create(s.cpuProfile)
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "benchmark:", err)
-			return 1
+			return err
 		}
 		defer f.Close()
 		if err := pprof.StartCPUProfile(f); err != nil {
-			fmt.Fprintln(os.Stderr, "benchmark:", err)
-			return 1
+			return err
 		}
 		defer pprof.StopCPUProfile()
 	}
-
 	rep := newReport()
-	err = measure(ctx, s, rep)
+	err := measure(ctx, s, rep)
 	rep.print(os.Stdout, s)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "benchmark:", err)
-		return 1
-	}
-	return 0
+	return err
 }
 
 // env is what every figure works with.
@@ -212,21 +151,15 @@ func measure(ctx context.Context, s settings, rep *report) error {
 	defer e.dropSchemas()
 	rep.poolSize = int(raw.Config().MaxConns)
 
+	var groups []figureGroup
 	for _, g := range figureGroups {
-		if !slices.Contains(s.figures, g.name) {
-			continue
+		if slices.Contains(s.figures, g.Name) {
+			groups = append(groups, g)
 		}
-		start := time.Now()
-		if err := g.run(ctx, e); err != nil {
-			if ctx.Err() != nil {
-				return fmt.Errorf("%s: interrupted: %w", g.name, err)
-			}
-			return fmt.Errorf("%s: %w", g.name, err)
-		}
-		progress("%s: done in %v", g.name, time.Since(start).Round(time.Millisecond))
-		runtime.GC() // one figure's garbage must not weigh on the next
 	}
-	return nil
+	// RunSteps collects garbage after each group: one figure's must not
+	// weigh on the next.
+	return benchkit.RunSteps(ctx, e, groups, progress)
 }
 
 // dropSchemas runs when the run ends, however it ends: with a context of its

@@ -19,18 +19,12 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
-	"runtime"
-	"syscall"
 	"time"
 
 	"github.com/centrifugal/centrifuge"
@@ -39,9 +33,8 @@ import (
 
 	"github.com/pgstore/pgstore"
 	"github.com/pgstore/pgstore/examples/centrifuge/mapbroker"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
-
-const defaultURL = "postgres://postgres@127.0.0.1:5432/test"
 
 // retention is the change log's: far longer than a run.
 const retention = time.Hour
@@ -58,71 +51,25 @@ type settings struct {
 
 func parseFlags(args []string) (settings, error) {
 	var s settings
-	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	fs.StringVar(&s.url, "url", "", "PostgreSQL connection string (default: $DATABASE_URL, else "+defaultURL+")")
-	fs.BoolVar(&s.quick, "quick", false, "small sizes and one round: finishes in under 60 s")
-	fs.IntVar(&s.publications, "publications", 0, "publications per side and round of the throughput figures (default 5000, -quick 3000)")
-	fs.IntVar(&s.samples, "samples", 0, "latency samples per side (default 1000, -quick 500)")
-	fs.IntVar(&s.goroutines, "goroutines", 8, "concurrent publishers of the throughput figures")
-	fs.IntVar(&s.rounds, "rounds", 0, "rounds of each throughput figure, best kept (default 3, -quick 1)")
-	fs.IntVar(&s.valueBytes, "value-bytes", 200, "size of each publication's JSON data")
-	if err := fs.Parse(args); err != nil {
-		return s, err
-	}
-	if fs.NArg() > 0 {
-		return s, fmt.Errorf("unexpected arguments: %q", fs.Args())
-	}
-	s.url = cmp.Or(s.url, os.Getenv("DATABASE_URL"), defaultURL)
-	byMode := func(v *int, full, quick int) {
-		if *v == 0 {
-			*v = full
-			if s.quick {
-				*v = quick
-			}
-		}
-	}
-	byMode(&s.publications, 5_000, 3_000)
-	byMode(&s.samples, 1_000, 500)
-	byMode(&s.rounds, 3, 1)
-	for _, n := range []int{s.publications, s.samples, s.goroutines, s.rounds} {
-		if n < 1 {
-			return s, errors.New("sizes, -goroutines and -rounds must be at least 1")
-		}
-	}
-	if s.valueBytes < 160 {
-		return s, errors.New("-value-bytes must be at least 160")
-	}
-	return s, nil
+	fs := benchkit.NewFlags("bench", &s.url, &s.quick, "small sizes and one round: finishes in under 60 s")
+	fs.Sized(&s.publications, "publications", 5_000, 3_000, "publications per side and round of the throughput figures (default 5000, -quick 3000)")
+	fs.Sized(&s.samples, "samples", 1_000, 500, "latency samples per side (default 1000, -quick 500)")
+	fs.Positive(&s.goroutines, "goroutines", 8, "concurrent publishers of the throughput figures")
+	fs.Sized(&s.rounds, "rounds", 3, 1, "rounds of each throughput figure, best kept (default 3, -quick 1)")
+	fs.ValueBytes(&s.valueBytes, "size of each publication's JSON data")
+	err := fs.Parse(args)
+	return s, err
 }
 
 func main() {
-	os.Exit(run())
+	os.Exit(benchkit.Main("bench", os.Args[1:], parseFlags, run))
 }
 
-func run() int {
-	s, err := parseFlags(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		return 2
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills at once
-	}()
-
+func run(ctx context.Context, s settings) error {
 	rep := newReport()
-	err = measure(ctx, s, rep)
+	err := measure(ctx, s, rep)
 	rep.print(os.Stdout, s)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		return 1
-	}
-	return 0
+	return err
 }
 
 // env is what every figure works with.
@@ -155,24 +102,10 @@ func measure(ctx context.Context, s settings, rep *report) error {
 	e := &env{s: s, rep: rep, raw: raw, brokerSchema: name + "_broker", setSchema: name + "_set"}
 	defer e.dropSchemas()
 
-	for _, f := range []struct {
-		name string
-		run  func(context.Context, *env) error
-	}{
-		{"publish", publishFigures},
-		{"latency", latencyFigures},
-	} {
-		start := time.Now()
-		if err := f.run(ctx, e); err != nil {
-			if ctx.Err() != nil {
-				return fmt.Errorf("%s: interrupted: %w", f.name, err)
-			}
-			return fmt.Errorf("%s: %w", f.name, err)
-		}
-		progress("%s: done in %v", f.name, time.Since(start).Round(time.Millisecond))
-		runtime.GC()
-	}
-	return nil
+	return benchkit.RunSteps(ctx, e, []benchkit.Step[*env]{
+		{Name: "publish", Run: publishFigures},
+		{Name: "latency", Run: latencyFigures},
+	}, progress)
 }
 
 // dropSchemas runs when the run ends, however it ends: with a context of its
