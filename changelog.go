@@ -1,6 +1,7 @@
 package pgstore
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // The change log is the durable change feed: the triggers of the record
@@ -356,30 +358,73 @@ func logChannel(schema string) string {
 	return "pgstore_log_" + hex.EncodeToString(sum[:12])
 }
 
-// A logEntry is one row of the log.
+// A logEntry is one row of the log. A replay holds a few pages of them and
+// reads millions, so an entry is small and costs two allocations: its value,
+// and text that holds its key and its cursor; the names of tables are
+// shared.
 type logEntry struct {
-	position, offset int64
-	table, id        string
-	op               string
-	version          int64
-	value            json.RawMessage
-	at               time.Time // when it was appended, by the server's clock
+	position, offset, version int64
+	op                        EventType
+	table                     string
+	text                      string // key ("table/id", empty for table events), then cursor
+	keyLen                    int
+	value                     json.RawMessage
+	at                        time.Time // when it was appended, by the server's clock
 }
 
-var opTypes = map[string]EventType{"C": CreateTable, "X": DestroyTable, "I": Insert, "U": Update, "D": Delete}
-
-func (e logEntry) event(schema, logID string) Event {
-	ev := Event{
-		Type:   opTypes[e.op],
-		Schema: schema,
-		Table:  e.table,
-		Cursor: cursor{log: logID, position: e.position}.String(),
-		Offset: e.offset,
-	}
-	if ev.Type != CreateTable && ev.Type != DestroyTable {
-		ev.ID, ev.Key, ev.Version, ev.Value = e.id, e.table+"/"+e.id, e.version, e.value
+// event returns the entry as the event it delivers.
+func (e *logEntry) event(schema string) Event {
+	ev := Event{Type: e.op, Schema: schema, Table: e.table, Cursor: e.text[e.keyLen:], Offset: e.offset}
+	if e.keyLen > 0 {
+		ev.Key, ev.ID, ev.Version, ev.Value = e.text[:e.keyLen], e.text[len(e.table)+1:e.keyLen], e.version, e.value
 	}
 	return ev
+}
+
+var opTypes = [256]EventType{'C': CreateTable, 'X': DestroyTable, 'I': Insert, 'U': Update, 'D': Delete}
+
+// A logScanner turns the rows of readPageSQL into entries.
+type logScanner struct {
+	logID       string
+	table       string // the last entry's
+	tbl, id, op pgtype.DriverBytes
+	val         pgtype.DriverBytes
+	digits      [20]byte
+}
+
+func (sc *logScanner) scan(rows pgx.Rows, e *logEntry) error {
+	if err := rows.Scan(&e.position, &e.offset, &sc.tbl, &sc.id, &sc.op, &e.version, &sc.val, &e.at); err != nil {
+		return err
+	}
+	if len(sc.op) != 1 || opTypes[sc.op[0]] == 0 {
+		return fmt.Errorf("pgstore: the change log holds an entry of unknown op %q at %d", sc.op, e.position)
+	}
+	e.op = opTypes[sc.op[0]]
+	if string(sc.tbl) != sc.table {
+		sc.table = string(sc.tbl)
+	}
+	e.table = sc.table
+	pos := strconv.AppendInt(sc.digits[:0], e.position, 10)
+	e.keyLen = 0
+	if e.op != CreateTable && e.op != DestroyTable {
+		e.keyLen = len(sc.tbl) + 1 + len(sc.id)
+	}
+	var b strings.Builder
+	b.Grow(e.keyLen + len(sc.logID) + 1 + len(pos))
+	if e.keyLen > 0 {
+		b.Write(sc.tbl)
+		b.WriteByte('/')
+		b.Write(sc.id)
+	}
+	b.WriteString(sc.logID)
+	b.WriteByte('.')
+	b.Write(pos)
+	e.text = b.String()
+	e.value = nil
+	if sc.val != nil {
+		e.value = json.RawMessage(bytes.Clone(sc.val))
+	}
+	return nil
 }
 
 // readHeadSQL reads the log's identity, end, and the last position retention
@@ -390,7 +435,7 @@ func readHeadSQL(schema string) string {
 
 // readPageSQL reads a page of entries after a position ($1, at most $2).
 func readPageSQL(schema string) string {
-	return "SELECT position, off, tbl, coalesce(id, ''), op::text, coalesce(version, 0), val, at FROM " +
+	return "SELECT position, off, tbl, id, op::text, coalesce(version, 0), val, at FROM " +
 		pgx.Identifier{schema, logEntries}.Sanitize() + " WHERE position > $1 ORDER BY position LIMIT $2"
 }
 

@@ -645,7 +645,7 @@ func TestChangeLogFaultASlowHandlerLagsInBoundedMemoryAndCatchesUp(t *testing.T)
 	for i, e := range events[1:] {
 		require.Equal(t, fmt.Sprintf("slow/%05d", i), e.key, "in the order of the writes")
 	}
-	// The write buffer (8 MiB), two pages of the log (at most 8 MiB each,
+	// The write buffer (8 MiB), three pages of the log (at most 8 MiB each,
 	// here 500 entries of 2 KiB, 1 MiB), the driver's buffers, and the
 	// garbage collector's headroom, which doubles the heap: under 128 MiB,
 	// less than the 200 MiB of values.

@@ -2,7 +2,6 @@ package pgstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -15,17 +14,18 @@ import (
 
 // A subscription on a schema with a change log follows the log: it reads
 // the entries after its position, a page at a time, and calls its handler
-// for each before it reads more (while it delivers a page it reads the
-// next). It lags when its handler is slow, and never drops anything or
-// holds more than two pages. NOTIFY only wakes it up
-// early: it also looks every logPollInterval, so a lost wake-up costs
-// latency, never an event, and a lost LISTEN connection costs nothing.
+// for each (while it delivers a page it reads the next ones). It lags when
+// its handler is slow, and never drops anything or holds more than
+// logReadsAhead+1 pages. NOTIFY only wakes it up early: it also looks every
+// logPollInterval, so a lost wake-up costs latency, never an event, and a
+// lost LISTEN connection costs nothing.
 
 // Reading the log.
 const (
 	logPageEntries  = 500
 	logFirstPage    = 64      // entries, before the values' size is known
 	logPageBytes    = 8 << 20 // a page stops at the entry that crosses it
+	logReadsAhead   = 2       // pages read while one is delivered
 	logPollInterval = time.Second
 )
 
@@ -37,7 +37,7 @@ func nextLimit(page []logEntry, limit int) int {
 	}
 	bytes := 0
 	for _, e := range page {
-		bytes += len(e.value) + len(e.id) + 64
+		bytes += len(e.value) + len(e.text) + 64
 	}
 	return min(max(logPageBytes/max(bytes/len(page), 1), 1), logPageEntries)
 }
@@ -113,32 +113,33 @@ func (s *Subscription) follow(logID string, pos int64) {
 	wait := backoff.Backoff{Min: 50 * time.Millisecond, Max: 5 * time.Second}
 	poll := time.NewTimer(logPollInterval)
 	defer poll.Stop()
-	// While a page is delivered, the next is read: at most two pages are
-	// held, and a reader far behind reads and delivers at once.
-	var ahead chan pageRead
-	var aheadFrom int64
+	// While a page is delivered, the next ones are read, logReadsAhead at
+	// most: positions are gapless, so where each starts is known before
+	// the one before it arrives. A reader far behind so keeps the server
+	// and the client busy at once, and holds logReadsAhead+1 pages.
+	var ahead []pendingRead
 	gone := false // the log was found removed, and the Resync delivered
 	// How many entries a page asks for: as many as fit logPageBytes at the
 	// size of the last page's values, so that a log of large values is not
 	// sent 500 at a time only to be cut at the client.
 	limit := logFirstPage
-	defer func() {
-		if ahead != nil {
-			<-ahead // ended by stop, which cancels the reads
+	drain := func() {
+		for _, p := range ahead {
+			<-p.done // ended by stop, which cancels the reads
 		}
-	}()
+		ahead = nil
+	}
+	defer drain()
 	for {
 		s.logPos.Store(pos)
 		var r pageRead
-		if ahead != nil && aheadFrom == pos {
-			r = <-ahead
+		if len(ahead) > 0 && ahead[0].from == pos {
+			r = <-ahead[0].done
+			ahead = ahead[1:]
 		} else {
-			if ahead != nil {
-				<-ahead
-			}
+			drain() // they started where a page cut short did not end
 			r = s.read(pos, limit)
 		}
-		ahead = nil
 		page, head, err := r.page, r.head, r.err
 		switch {
 		case s.readCtx.Err() != nil:
@@ -179,15 +180,21 @@ func (s *Subscription) follow(logID string, pos int64) {
 		wait.Reset()
 		s.logEnd.Store(head.position)
 		limit = nextLimit(page, limit)
-		if n := len(page); n > 0 && page[n-1].position < head.position {
-			aheadFrom = page[n-1].position
-			ahead = make(chan pageRead, 1)
-			go func(from int64, limit int) { ahead <- s.read(from, limit) }(aheadFrom, limit)
+		if n := len(page); n > 0 {
+			next := page[n-1].position
+			if k := len(ahead); k > 0 {
+				next = ahead[k-1].from + int64(ahead[k-1].limit)
+			}
+			for ; len(ahead) < logReadsAhead && next < head.position; next += int64(limit) {
+				p := pendingRead{from: next, limit: limit, done: make(chan pageRead, 1)}
+				go func() { p.done <- s.read(p.from, p.limit) }()
+				ahead = append(ahead, p)
+			}
 		}
-		for _, e := range page {
+		for i := range page {
+			e := &page[i]
 			s.logAt.Store(e.at.UnixNano())
-			ev := e.event(s.cfg.schema, logID)
-			if s.wants(ev) && !s.call(ev) {
+			if ev := e.event(s.cfg.schema); s.wants(ev) && !s.call(ev) {
 				return
 			}
 			pos = e.position
@@ -204,6 +211,13 @@ func (s *Subscription) follow(logID string, pos int64) {
 		case <-poll.C:
 		}
 	}
+}
+
+// A pendingRead is a read of the page after from, under way.
+type pendingRead struct {
+	from  int64
+	limit int
+	done  chan pageRead
 }
 
 // A pageRead is the result of readLog.
@@ -245,18 +259,15 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 	})
 	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
 		page = make([]logEntry, 0, limit)
+		sc := logScanner{logID: head.log}
 		bytes := 0
 		for rows.Next() {
-			var e logEntry
-			var val []byte
-			if err := rows.Scan(&e.position, &e.offset, &e.table, &e.id, &e.op, &e.version, &val, &e.at); err != nil {
+			page = append(page, logEntry{})
+			e := &page[len(page)-1]
+			if err := sc.scan(rows, e); err != nil {
 				return err
 			}
-			if val != nil {
-				e.value = json.RawMessage(val)
-			}
-			page = append(page, e)
-			if bytes += len(val); bytes >= logPageBytes {
+			if bytes += len(e.value); bytes >= logPageBytes {
 				break // the rest of the page is read and dropped by pgx
 			}
 		}

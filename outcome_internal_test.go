@@ -66,11 +66,11 @@ func TestAClaimThatAloneFencesAnAttemptIsKept(t *testing.T) {
 // last page's values: a log of large values is not sent 500 entries at a
 // time only to be cut at the client.
 func TestAPageAsksForWhatFitsItsByteBound(t *testing.T) {
-	small := []logEntry{{id: "k", value: make([]byte, 200)}}
+	small := []logEntry{{text: "t/k", value: make([]byte, 200)}}
 	require.Equal(t, logPageEntries, nextLimit(small, logFirstPage))
-	large := []logEntry{{id: "k", value: make([]byte, 1<<20)}, {id: "k", value: make([]byte, 1<<20)}}
+	large := []logEntry{{text: "t/k", value: make([]byte, 1<<20)}, {text: "t/k", value: make([]byte, 1<<20)}}
 	require.Equal(t, 7, nextLimit(large, logPageEntries))
-	huge := []logEntry{{id: "k", value: make([]byte, 16<<20)}}
+	huge := []logEntry{{text: "t/k", value: make([]byte, 16<<20)}}
 	require.Equal(t, 1, nextLimit(huge, logPageEntries))
 	require.Equal(t, 33, nextLimit(nil, 33), "an empty page says nothing of sizes")
 }
