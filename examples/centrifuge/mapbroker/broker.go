@@ -89,6 +89,8 @@ type Broker struct {
 	// holds a connection while pgstore takes another.
 	ensureMu sync.Mutex
 
+	queues changeQueues // changes waiting for a group (see group.go)
+
 	stop      context.CancelFunc
 	bgCtx     context.Context
 	janitor   chan struct{}
@@ -133,6 +135,7 @@ func New(node *centrifuge.Node, cfg Config) (*Broker, error) {
 		logger:  logger,
 		subs:    make(map[string]struct{}),
 		known:   make(map[string]bool),
+		queues:  changeQueues{channels: make(map[string]*changeQueue)},
 		janitor: make(chan struct{}),
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

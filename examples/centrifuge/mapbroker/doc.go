@@ -94,7 +94,9 @@
 //     and dropped (the last position retention removed), active (the log is
 //     on); and its row lock, taken FOR UPDATE, which every pgstore batch and
 //     every record table's BEFORE STATEMENT trigger take first and hold to
-//     commit.
+//     commit. The transaction-local setting pgstore.head_locked, set to the
+//     schema's name once the lock is held, spares those triggers taking it
+//     again.
 //   - "pgstore/log_offsets" (tbl, off): a table's last log offset; it is
 //     kept when the table is dropped, so offsets only grow per table name.
 //   - "pgstore/log_entries" (position, off, tbl, op, id, version, val),

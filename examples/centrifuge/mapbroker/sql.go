@@ -100,7 +100,12 @@ func newSQL(schema string) *sqlSet {
 	// without holding a connection (see retry). A try that conflicts with
 	// a waiting exclusive lock fails too, so Clear is never starved.
 	s.lockChannel = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
-	s.lockHead = "SELECT true FROM " + s.head + " WHERE pg_try_advisory_xact_lock_shared($1::int4, hashtext($2)) FOR UPDATE"
+	// Once it holds the head, it says so in pgstore's setting, so that the
+	// head-lock trigger of each statement that writes a record is skipped:
+	// set over the rows already locked, as pgstore's batches do, since in
+	// the scan below the lock it would be set before the lock is taken.
+	s.lockHead = "SELECT set_config('pgstore.head_locked', $3, true) IS NOT NULL FROM (SELECT FROM " + s.head +
+		" WHERE pg_try_advisory_xact_lock_shared($1::int4, hashtext($2)) FOR UPDATE) AS locked"
 	// Everything a change or a read needs to know of a channel, in one
 	// statement (so in one snapshot). $1 is the table's name, $2 the
 	// schema's. The table is looked up in pg_class rather than with
@@ -112,7 +117,7 @@ func newSQL(schema string) *sqlSet {
 		e.base, e.epoch, e.tbl_oid, e.meta_expires,
 		(SELECT st.at FROM ` + s.stream + ` st WHERE st.tbl = $1 ORDER BY st.off DESC LIMIT 1), now()
 		FROM ` + s.head + ` h LEFT JOIN LATERAL (SELECT base, epoch, tbl_oid, meta_expires FROM ` + s.epochs + ` WHERE tbl = $1 ORDER BY base DESC LIMIT 1) e ON true`
-	s.idemRead = "SELECT epoch, roff FROM " + s.idem + " WHERE tbl = $1 AND key = $2 AND expires_at > now()"
+	s.idemRead = "SELECT key, epoch, roff FROM " + s.idem + " WHERE tbl = $1 AND key = ANY($2::text[]) AND expires_at > now()"
 	s.idemWrite = "INSERT INTO " + s.idem + ` AS t (tbl, key, epoch, roff, expires_at) VALUES ($1, $2, $3, $4, now() + $5 * interval '1 microsecond')
 		ON CONFLICT (tbl, key) DO UPDATE SET epoch = excluded.epoch, roff = excluded.roff, expires_at = excluded.expires_at`
 	// The entry that the change just before it made must be the one

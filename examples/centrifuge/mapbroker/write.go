@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"time"
 
@@ -62,7 +64,8 @@ type changeReq struct {
 type txState struct {
 	locked  bool // the channel's lock and the log's head are held
 	meta    meta
-	idem    *centrifuge.StreamPosition
+	idem    *centrifuge.StreamPosition // the result of the change's idempotency key
+	idems   map[string]*centrifuge.StreamPosition
 	records map[string]record
 	expired map[string]bool
 }
@@ -78,6 +81,51 @@ type plan struct {
 	batch    pgx.Batch
 	needLife bool // the change writes, and the channel has no table yet
 	off, pos int64
+	// What the change leaves behind, for the changes after it in a group:
+	// the records of the keys it wrote (nil: removed), and the result its
+	// idempotency key now repeats.
+	records map[string]*record
+	idem    *centrifuge.StreamPosition
+	// What a group makes once for all its changes, after their writes:
+	// the keys' expiry (their KeyTTL; 0: none), and the renewal of the
+	// channel's MetaTTL.
+	expiry map[string]time.Duration
+	meta   *pgx.QueuedQuery
+}
+
+// expire records that the change leaves key with ttl to live (0: forever).
+func (p *plan) expire(key string, ttl time.Duration) {
+	if p.expiry == nil {
+		p.expiry = make(map[string]time.Duration, 1)
+	}
+	p.expiry[key] = max(ttl, 0)
+}
+
+// queueTail queues, after the writes of one change or of a group, the keys'
+// expiry and the renewal of the channel's MetaTTL.
+func (b *Broker) queueTail(batch *pgx.Batch, ch string, expiry map[string]time.Duration, meta *pgx.QueuedQuery) {
+	var forever []string
+	for _, key := range slices.Sorted(maps.Keys(expiry)) {
+		if ttl := expiry[key]; ttl > 0 {
+			batch.Queue(b.sql.expirySet, ch, key, micros(ttl))
+		} else {
+			forever = append(forever, key)
+		}
+	}
+	if len(forever) > 0 {
+		batch.Queue(b.sql.expiryDelete, ch, forever)
+	}
+	if meta != nil {
+		batch.QueuedQueries = append(batch.QueuedQueries, meta)
+	}
+}
+
+// wrote records that the change leaves key's record as r (nil: removed).
+func (p *plan) wrote(key string, r *record) {
+	if p.records == nil {
+		p.records = make(map[string]*record, 1)
+	}
+	p.records[key] = r
 }
 
 // next returns the table offset and the log position of the next entry the
@@ -103,9 +151,9 @@ const (
 	lockBusy      // the channel is being made or cleared: wait, then again
 )
 
-// change runs one map change: decide sees what the first round trip read
-// and returns what to write.
-func (b *Broker) change(ctx context.Context, req changeReq, decide func(*txState) (*plan, error)) error {
+// changeAlone runs one map change in a transaction of its own: decide sees
+// what the first round trip read and returns what to write.
+func (b *Broker) changeAlone(ctx context.Context, req changeReq, decide func(*txState) (*plan, error)) error {
 	return b.retry(ctx, req.ch, func() (step, error) { return b.changeOnce(ctx, req, decide) })
 }
 
@@ -149,7 +197,11 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	}
 	defer release(conn)
 	withRecords := b.tableKnown(req.ch)
-	st, err := b.readChange(ctx, conn, req, withRecords)
+	var idemKeys []string
+	if req.idemKey != "" {
+		idemKeys = []string{req.idemKey}
+	}
+	st, err := b.readChange(ctx, conn, req, idemKeys, withRecords)
 	switch {
 	case isUndefinedTable(err) && withRecords:
 		b.setKnown(req.ch, false)
@@ -159,6 +211,7 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	case !st.locked:
 		return lockBusy, nil
 	}
+	st.idem = st.idems[req.idemKey]
 	m := st.meta
 	b.setKnown(req.ch, m.exists())
 	switch {
@@ -174,15 +227,8 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	if p.needLife {
 		return needLife, nil
 	}
-	p.batch.Queue("COMMIT")
-	// Not cut short by ctx: cancelled with its COMMIT sent, the change
-	// could still commit, after Publish returned ErrOutcomeUnknown, and
-	// reads made meanwhile would miss what reads made later see. The
-	// round trip is bounded instead; only an answer that does not come
-	// leaves the outcome unknown.
-	commitCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
-	defer cancel()
-	err = conn.SendBatch(commitCtx, &p.batch).Close()
+	b.queueTail(&p.batch, req.ch, p.expiry, p.meta)
+	err = commit(ctx, conn, &p.batch)
 	if err == nil {
 		return done, nil
 	}
@@ -198,17 +244,35 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	case pgconn.SafeToRetry(err):
 		return done, fmt.Errorf("mapbroker: channel %q: the change was not sent: %w", req.ch, err)
 	}
-	// The server did not answer: the COMMIT, sent with the rest, may have
-	// been applied.
-	return done, fmt.Errorf("mapbroker: channel %q: %w: the answer to a change sent with its COMMIT was lost: %w", req.ch, ErrOutcomeUnknown, err)
+	return done, outcomeLost(req.ch, err)
 }
 
-// readChange runs a change's first round trip.
-func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeReq, withRecords bool) (*txState, error) {
-	st := &txState{records: make(map[string]record), expired: make(map[string]bool)}
+// commit sends a change's writes with its COMMIT. Not cut short by ctx:
+// cancelled with its COMMIT sent, the change could still commit, after
+// Publish returned ErrOutcomeUnknown, and reads made meanwhile would miss
+// what reads made later see. The round trip is bounded instead; only an
+// answer that does not come leaves the outcome unknown.
+func commit(ctx context.Context, conn *pgxpool.Conn, batch *pgx.Batch) error {
+	batch.Queue("COMMIT")
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	return conn.SendBatch(ctx, batch).Close()
+}
+
+// outcomeLost is the error of a change whose COMMIT was sent and whose
+// answer did not come: it may have been applied.
+func outcomeLost(ch string, err error) error {
+	return fmt.Errorf("mapbroker: channel %q: %w: the answer to a change sent with its COMMIT was lost: %w", ch, ErrOutcomeUnknown, err)
+}
+
+// readChange runs the first round trip of a change, or of a group of
+// changes of one channel: req.keys are all their keys, and idemKeys their
+// idempotency keys.
+func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeReq, idemKeys []string, withRecords bool) (*txState, error) {
+	st := &txState{records: make(map[string]record), expired: make(map[string]bool), idems: make(map[string]*centrifuge.StreamPosition)}
 	var rb pgx.Batch
 	rb.Queue("BEGIN")
-	rb.Queue(b.sql.lockHead, lockClass, b.lockKey(req.ch)).Query(func(rows pgx.Rows) error {
+	rb.Queue(b.sql.lockHead, lockClass, b.lockKey(req.ch), b.sql.schema).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			st.locked = true
 		}
@@ -217,11 +281,15 @@ func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeR
 	rb.Queue(b.sql.meta, req.ch, b.sql.schema).QueryRow(func(row pgx.Row) error {
 		return row.Scan(st.meta.scan()...)
 	})
-	var idemEpoch *string
-	var idemOff int64
-	if req.idemKey != "" {
-		rb.Queue(b.sql.idemRead, req.ch, req.idemKey).Query(func(rows pgx.Rows) error {
-			_, err := pgx.ForEachRow(rows, []any{&idemEpoch, &idemOff}, func() error { return nil })
+	idemSeen := map[string]centrifuge.StreamPosition{}
+	if len(idemKeys) > 0 {
+		rb.Queue(b.sql.idemRead, req.ch, idemKeys).Query(func(rows pgx.Rows) error {
+			var key string
+			var sp centrifuge.StreamPosition
+			_, err := pgx.ForEachRow(rows, []any{&key, &sp.Epoch, &sp.Offset}, func() error {
+				idemSeen[key] = sp
+				return nil
+			})
 			return err
 		})
 	}
@@ -255,8 +323,10 @@ func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeR
 	if !st.locked {
 		return st, nil
 	}
-	if idemEpoch != nil && *idemEpoch == st.meta.epoch() {
-		st.idem = &centrifuge.StreamPosition{Offset: uint64(idemOff), Epoch: *idemEpoch}
+	for key, sp := range idemSeen {
+		if sp.Epoch == st.meta.epoch() {
+			st.idems[key] = &sp
+		}
 	}
 	return st, nil
 }
@@ -361,17 +431,14 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 			write = b.sql.recordUpdate(ch)
 		}
 		p.batch.Queue(write, key, roff, val)
+		p.wrote(key, &record{version: roff, raw: val, entry: decodeEntry(val)})
 		var prev []byte
 		if opts.UseDelta && exists {
 			prev = rec.raw
 		}
 		p.batch.Queue(b.sql.streamWrite, ch, off, pos, epoch, roff, nil, prev)
 		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
-		if chOpts.KeyTTL > 0 {
-			p.batch.Queue(b.sql.expirySet, ch, key, micros(chOpts.KeyTTL))
-		} else {
-			p.batch.Queue(b.sql.expiryDelete, ch, []string{key})
-		}
+		p.expire(key, chOpts.KeyTTL)
 		b.queueMeta(p, ch, m, chOpts)
 		res.Position = centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
 		return p, nil
@@ -430,7 +497,7 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 			return nil, err
 		}
 		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
-		p.batch.Queue(b.sql.expiryDelete, ch, []string{key})
+		p.expire(key, 0)
 		b.queueMeta(p, ch, m, chOpts)
 		res.Position = centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
 		return p, nil
@@ -451,6 +518,7 @@ func (b *Broker) queueRemoval(p *plan, ch string, m meta, key string, tags map[s
 	off, pos := p.next(m)
 	roff := off - *m.base
 	p.batch.Queue(b.sql.recordDelete(ch), key)
+	p.wrote(key, nil)
 	p.batch.Queue(b.sql.streamWrite, ch, off, pos, m.epoch(), roff, tj, nil)
 	return roff, nil
 }
@@ -463,6 +531,7 @@ func (b *Broker) queueIdempotency(p *plan, ch, key string, ttl time.Duration, ep
 		ttl = b.cfg.IdempotentResultTTL
 	}
 	p.batch.Queue(b.sql.idemWrite, ch, key, epoch, roff, micros(ttl))
+	p.idem = &centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
 }
 
 // queueMeta queues the renewal of the channel's MetaTTL.
@@ -471,9 +540,9 @@ func (b *Broker) queueMeta(p *plan, ch string, m meta, chOpts centrifuge.MapChan
 		return
 	}
 	if chOpts.MetaTTL > 0 {
-		p.batch.Queue(b.sql.metaTouch, ch, *m.base, micros(chOpts.MetaTTL))
+		p.meta = &pgx.QueuedQuery{SQL: b.sql.metaTouch, Arguments: []any{ch, *m.base, micros(chOpts.MetaTTL)}}
 	} else {
-		p.batch.Queue(b.sql.metaClear, ch, *m.base)
+		p.meta = &pgx.QueuedQuery{SQL: b.sql.metaClear, Arguments: []any{ch, *m.base}}
 	}
 }
 
@@ -501,7 +570,9 @@ func (b *Broker) expireKeys(ctx context.Context, ch string, keys []string) error
 				return nil, err
 			}
 		}
-		p.batch.Queue(b.sql.expiryDelete, ch, gone)
+		for _, key := range gone {
+			p.expire(key, 0)
+		}
 		return p, nil
 	})
 }
