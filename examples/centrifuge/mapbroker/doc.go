@@ -51,7 +51,10 @@
 // idempotency result and the key's expiry, and commits, in two round trips.
 // Holding the head, it is the schema's only writer, so what it read holds
 // until it commits, and the log position and table offset of its entry are
-// known in advance (and checked). See write.go.
+// known in advance (and checked). Changes of one channel that wait for each
+// other are made in one such transaction, each decided after the one before
+// it as if it ran alone, and acknowledged at the group's commit; a group that
+// fails writes nothing, and its changes run alone. See write.go and group.go.
 //
 // # Delivery
 //

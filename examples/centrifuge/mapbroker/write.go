@@ -43,6 +43,9 @@ import (
 // so they never see a table half made, and a Clear never drops a change
 // that committed after it looked. A change that cannot have it gives its
 // connection back and tries again (see retry).
+//
+// Changes of one channel that wait for each other share the transaction:
+// see group.go.
 
 // commitTimeout bounds a change's second round trip, the one with its
 // COMMIT, which the caller's context does not cut short (see changeOnce).
