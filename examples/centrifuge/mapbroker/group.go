@@ -33,11 +33,6 @@ import (
 // maxGroup bounds the changes that one transaction makes.
 const maxGroup = 64
 
-// groupsInFlight is how many groups of one channel run at once: while one
-// holds the head and commits, the next reads and waits for the head, and
-// the changes that the first releases queue for a third.
-const groupsInFlight = 1
-
 // A queuedChange waits for its group.
 type queuedChange struct {
 	ctx    context.Context // the caller's
@@ -50,10 +45,12 @@ type queuedChange struct {
 var errAlone = errors.New("mapbroker: run the change alone")
 
 // A changeQueue holds the changes of one channel that wait for a group;
-// while it has any, up to groupsInFlight goroutines make groups of them.
+// while it has any, one goroutine makes groups of them, one at a time: the
+// changes queue while a group runs, and so make the next. (Two groups at
+// once, one waiting for the head while the other commits, split the
+// waiting changes and measured slower.)
 type changeQueue struct {
 	pending []*queuedChange
-	running int           // goroutines making groups
 	arrived chan struct{} // a change was queued
 }
 
@@ -99,15 +96,12 @@ func (b *Broker) enqueue(qc *queuedChange) {
 	if cq == nil {
 		cq = &changeQueue{arrived: make(chan struct{}, 1)}
 		q.channels[qc.req.ch] = cq
+		go b.makeGroups(qc.req.ch, cq)
 	}
 	cq.pending = append(cq.pending, qc)
 	select {
 	case cq.arrived <- struct{}{}:
 	default:
-	}
-	if cq.running < groupsInFlight {
-		cq.running++
-		go b.makeGroups(qc.req.ch, cq)
 	}
 }
 
@@ -140,9 +134,7 @@ func (b *Broker) makeGroups(ch string, cq *changeQueue) {
 		q.mu.Lock()
 		n := min(len(cq.pending), maxGroup)
 		if n == 0 {
-			if cq.running--; cq.running == 0 {
-				delete(q.channels, ch)
-			}
+			delete(q.channels, ch)
 			q.mu.Unlock()
 			return
 		}
