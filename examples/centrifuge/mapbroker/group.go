@@ -147,6 +147,29 @@ func (b *Broker) makeGroups(ch string, cq *changeQueue) {
 	}
 }
 
+// waves splits a group, in call order, into waves of changes of distinct
+// keys: a key's first change is in the first wave, its second in the
+// second, and so on. It returns indexes into group.
+func waves(group []*queuedChange) [][]int {
+	var ws [][]int
+	seen := map[string]int{}
+	for i, c := range group {
+		key := c.req.keys[0]
+		w := seen[key]
+		seen[key]++
+		if w == len(ws) {
+			ws = append(ws, nil)
+		}
+		ws[w] = append(ws[w], i)
+	}
+	return ws
+}
+
+func hasRecord(st *txState, key string) bool {
+	_, ok := st.records[key]
+	return ok
+}
+
 // groupLinger is how long a group waits for as many changes as the last
 // one had. The callers that the last group answered are likely to come
 // back at once; without the wait, the next group would take the first of
@@ -206,6 +229,7 @@ func (b *Broker) runGroup(ch string, group []*queuedChange) {
 		}
 	}
 	slices.Sort(keys)
+	slices.Sort(idemKeys)
 	st, err := b.readChange(ctx, conn, changeReq{ch: ch, keys: slices.Compact(keys)}, slices.Compact(idemKeys), true)
 	switch {
 	case isUndefinedTable(err):
@@ -220,35 +244,59 @@ func (b *Broker) runGroup(ch string, group []*queuedChange) {
 	var renewMeta *pgx.QueuedQuery
 	wrote := make([]bool, len(group))
 	decided := make([]error, len(group))
-	for i, c := range group {
-		st.idem = st.idems[c.req.idemKey]
-		p, err := c.decide(st)
-		switch {
-		case err != nil:
-			decided[i] = err
-			continue
-		case p == nil:
-			continue
-		case p.needLife:
-			return // cannot be: the channel is ready
+	epoch := st.meta.epoch()
+	for _, wave := range waves(group) {
+		// The wave's records are written a statement per kind, whose log
+		// trigger numbers their entries in key order: decided in that
+		// order, each change predicts its entry's position.
+		kind := func(i int) opKind {
+			switch {
+			case group[i].req.removes:
+				return opDelete
+			case hasRecord(st, group[i].req.keys[0]):
+				return opUpdate
+			}
+			return opInsert
 		}
-		batch.QueuedQueries = append(batch.QueuedQueries, p.batch.QueuedQueries...)
-		maps.Copy(expiry, p.expiry)
-		renewMeta = cmp.Or(p.meta, renewMeta)
-		wrote[i] = true
-		for key, r := range p.records {
-			if r == nil {
-				delete(st.records, key)
-			} else {
-				st.records[key] = *r
+		slices.SortFunc(wave, func(i, j int) int {
+			return cmp.Or(cmp.Compare(kind(i), kind(j)), cmp.Compare(group[i].req.keys[0], group[j].req.keys[0]))
+		})
+		var ops []recordOp
+		var rest []*pgx.QueuedQuery
+		for _, i := range wave {
+			c := group[i]
+			st.idem = st.idems[c.req.idemKey]
+			p, err := c.decide(st)
+			switch {
+			case err != nil:
+				decided[i] = err
+				continue
+			case p == nil:
+				continue
+			case p.needLife:
+				return // cannot be: the channel is ready
+			}
+			ops = append(ops, p.ops...)
+			rest = append(rest, p.batch.QueuedQueries...)
+			maps.Copy(expiry, p.expiry)
+			renewMeta = cmp.Or(p.meta, renewMeta)
+			wrote[i] = true
+			for key, r := range p.records {
+				if r == nil {
+					delete(st.records, key)
+				} else {
+					st.records[key] = *r
+				}
+			}
+			if p.off != 0 {
+				st.meta.off, st.meta.position = p.off, p.pos
+			}
+			if p.idem != nil {
+				st.idems[c.req.idemKey] = p.idem
 			}
 		}
-		if p.off != 0 {
-			st.meta.off, st.meta.position = p.off, p.pos
-		}
-		if p.idem != nil {
-			st.idems[c.req.idemKey] = p.idem
-		}
+		b.queueOps(&batch, ch, ops, epoch)
+		batch.QueuedQueries = append(batch.QueuedQueries, rest...)
 	}
 	if len(batch.QueuedQueries) > 0 || renewMeta != nil {
 		b.queueTail(&batch, ch, expiry, renewMeta)

@@ -145,3 +145,89 @@ func TestAChangeThatFailsInAGroupFailsAlone(t *testing.T) {
 	state, _ := readAll(t, nd.broker, ch)
 	assert.Len(t, state, count, "warm and every key but the poisoned one")
 }
+
+// A group writes its records a statement per kind, in key order, and its
+// changes of one key in call order: every acknowledged change is the stream
+// entry at the position it was told, and the state is what the stream
+// leaves.
+func TestAGroupsPositionsAreItsStreamEntries(t *testing.T) {
+	nd := pgOnly(t)
+	ctx := context.Background()
+	const ch, count = "group-mixed", 24
+	publish(t, nd.broker, ch, "a", "seed")
+	publish(t, nd.broker, ch, "b1", "seed")
+
+	type change struct {
+		key    string
+		remove bool
+		data   string
+	}
+	changes := make([]change, count)
+	for i := range changes {
+		switch i % 4 {
+		case 0:
+			changes[i] = change{key: "a", data: fmt.Sprint(i)}
+		case 1:
+			changes[i] = change{key: "a", remove: true}
+		case 2:
+			changes[i] = change{key: fmt.Sprintf("b%d", i%3), data: fmt.Sprint(i)}
+		default:
+			changes[i] = change{key: fmt.Sprintf("b%d", i%3), remove: true}
+		}
+	}
+	res := make([]centrifuge.MapUpdateResult, count)
+	errs := concurrentGroup(t, nd, count, func(i int) (err error) {
+		c := changes[i]
+		if c.remove {
+			res[i], err = nd.broker.Remove(ctx, ch, c.key, centrifuge.MapRemoveOptions{})
+		} else {
+			res[i], err = nd.broker.Publish(ctx, ch, c.key, centrifuge.MapPublishOptions{Data: []byte(c.data)})
+		}
+		return err
+	})
+	for i, err := range errs {
+		require.NoError(t, err, "change %d", i)
+	}
+	require.Greater(t, nd.broker.queues.largest.Load(), int64(1), "changes were made in groups")
+	require.Zero(t, nd.broker.queues.failed.Load(), "every group predicted its entries")
+
+	stream := readStream(t, nd.broker, ch, centrifuge.StreamFilter{Limit: -1})
+	byOffset := map[uint64]*centrifuge.Publication{}
+	for _, p := range stream.Publications {
+		byOffset[p.Offset] = p
+	}
+	acknowledged := 0
+	for i, r := range res {
+		if r.Suppressed {
+			assert.Equal(t, centrifuge.SuppressReasonKeyNotFound, r.SuppressReason, "only a removal of a missing key is suppressed")
+			continue
+		}
+		acknowledged++
+		p := byOffset[r.Position.Offset]
+		require.NotNil(t, p, "change %d's position %d is in the stream", i, r.Position.Offset)
+		assert.Equal(t, changes[i].key, p.Key, "change %d", i)
+		assert.Equal(t, changes[i].remove, p.Removed, "change %d", i)
+		if !changes[i].remove {
+			assert.Equal(t, changes[i].data, string(p.Data), "change %d", i)
+		}
+	}
+	assert.Len(t, stream.Publications, 2+acknowledged, "the seeds and every acknowledged change, nothing else")
+	for i, p := range stream.Publications {
+		assert.Equal(t, stream.Publications[0].Offset+uint64(i), p.Offset, "contiguous")
+	}
+
+	want := map[string]string{}
+	for _, p := range stream.Publications {
+		if p.Removed {
+			delete(want, p.Key)
+		} else {
+			want[p.Key] = string(p.Data)
+		}
+	}
+	state, _ := readAll(t, nd.broker, ch)
+	got := map[string]string{}
+	for _, p := range state {
+		got[p.Key] = string(p.Data)
+	}
+	assert.Equal(t, want, got, "the state is what the stream leaves")
+}

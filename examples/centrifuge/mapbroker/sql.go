@@ -120,13 +120,17 @@ func newSQL(schema string) *sqlSet {
 	s.idemRead = "SELECT key, epoch, roff FROM " + s.idem + " WHERE tbl = $1 AND key = ANY($2::text[]) AND expires_at > now()"
 	s.idemWrite = "INSERT INTO " + s.idem + ` AS t (tbl, key, epoch, roff, expires_at) VALUES ($1, $2, $3, $4, now() + $5 * interval '1 microsecond')
 		ON CONFLICT (tbl, key) DO UPDATE SET epoch = excluded.epoch, roff = excluded.roff, expires_at = excluded.expires_at`
-	// The entry that the change just before it made must be the one
-	// predicted ($2, $3): were it not (a trigger missing, an event switched
-	// off), off or position is NULL and the NOT NULL constraint aborts the
+	// The entries that the statement just before it made must be the ones
+	// predicted: the log must end at $3 and the table's offsets at $2, and
+	// each entry must be at its predicted position with its key and offset.
+	// Were one not (a trigger missing, an event switched off, a row not
+	// there), off or position is NULL and the NOT NULL constraint aborts the
 	// transaction, with the COMMIT queued behind it.
 	s.streamWrite = "INSERT INTO " + s.stream + ` (tbl, off, position, epoch, roff, tags, prev)
-		SELECT $1, CASE WHEN o.off = $2 THEN o.off END, CASE WHEN h.position = $3 THEN h.position END, $4, $5, $6, $7
-		FROM ` + s.head + ` h LEFT JOIN ` + s.offsets + ` o ON o.tbl = $1`
+		SELECT $1, CASE WHEN o.off = $2 AND le.off = w.off THEN w.off END, CASE WHEN h.position = $3 AND le.id = w.id THEN w.position END, $4, w.roff, w.tags, w.prev
+		FROM ` + s.head + ` h LEFT JOIN ` + s.offsets + ` o ON o.tbl = $1,
+			unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::jsonb[]) AS w(id, off, position, roff, tags, prev)
+			LEFT JOIN ` + s.entries + ` le ON le.position = w.position AND le.tbl = $1`
 	s.expirySet = "INSERT INTO " + s.expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3 * interval '1 microsecond')
 		ON CONFLICT (tbl, id) DO UPDATE SET expires_at = excluded.expires_at`
 	s.expiryDelete = "DELETE FROM " + s.expiry + " WHERE tbl = $1 AND id = ANY($2::text[])"
@@ -170,16 +174,18 @@ func (s *sqlSet) recordRead(channel string) string {
 	return "SELECT id, version, val FROM " + s.table(channel) + " WHERE id = ANY($1::text[]) ORDER BY id"
 }
 
+// The writes of records, a statement for many: each statement appends its
+// rows to the log in id order ($1, in that order), one entry each.
 func (s *sqlSet) recordInsert(channel string) string {
-	return "INSERT INTO " + s.table(channel) + " (id, version, val) VALUES ($1, $2, $3)"
+	return "INSERT INTO " + s.table(channel) + " (id, version, val) SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])"
 }
 
 func (s *sqlSet) recordUpdate(channel string) string {
-	return "UPDATE " + s.table(channel) + " SET version = $2, val = $3 WHERE id = $1"
+	return "UPDATE " + s.table(channel) + " t SET version = w.version, val = w.val FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS w(id, version, val) WHERE t.id = w.id"
 }
 
 func (s *sqlSet) recordDelete(channel string) string {
-	return "DELETE FROM " + s.table(channel) + " WHERE id = $1"
+	return "DELETE FROM " + s.table(channel) + " WHERE id = ANY($1::text[])"
 }
 
 func (s *sqlSet) statePage(channel string) string {

@@ -60,6 +60,7 @@ type changeReq struct {
 	ch      string
 	keys    []string
 	idemKey string
+	removes bool // a Remove: it deletes its key, if it writes
 	expired bool // also read which of keys have expired (see expireKeys)
 }
 
@@ -81,8 +82,9 @@ type record struct {
 
 // A plan is what a change decided to write; nil writes nothing.
 type plan struct {
-	batch    pgx.Batch
-	needLife bool // the change writes, and the channel has no table yet
+	ops      []recordOp // by kind, then key (see queueOps)
+	batch    pgx.Batch  // the rest, after ops
+	needLife bool       // the change writes, and the channel has no table yet
 	off, pos int64
 	// What the change leaves behind, for the changes after it in a group:
 	// the records of the keys it wrote (nil: removed), and the result its
@@ -120,6 +122,65 @@ func (b *Broker) queueTail(batch *pgx.Batch, ch string, expiry map[string]time.D
 	}
 	if meta != nil {
 		batch.QueuedQueries = append(batch.QueuedQueries, meta)
+	}
+}
+
+// A recordOp is a change's write of a record, and its entry: the log's
+// position and the table's offset the entry takes, and what the broker's
+// stream index keeps of it.
+type recordOp struct {
+	kind     opKind
+	key      string
+	val      []byte // the record's JSON; nil for a removal
+	off, pos int64
+	roff     int64  // the stream offset
+	tags     []byte // of a removal
+	prev     []byte // of a delta publication: the entry it replaces
+}
+
+type opKind int
+
+const (
+	opInsert opKind = iota
+	opUpdate
+	opDelete
+)
+
+// queueOps queues record writes a statement for each run of ops of one
+// kind in increasing key order, which is the order the statement's log
+// trigger numbers their entries in; each statement is followed by the
+// stream index rows of its entries, which checks that they ended where
+// predicted. Those who plan ops so predict them in that order: a group
+// decides its changes of one kind in key order (see runGroup).
+func (b *Broker) queueOps(batch *pgx.Batch, ch string, ops []recordOp, epoch string) {
+	for len(ops) > 0 {
+		n := 1
+		for n < len(ops) && ops[n].kind == ops[0].kind && ops[n].key > ops[n-1].key {
+			n++
+		}
+		run := ops[:n]
+		ops = ops[n:]
+		keys := make([]string, n)
+		versions := make([]int64, n)
+		vals := make([][]byte, n)
+		offs := make([]int64, n)
+		positions := make([]int64, n)
+		tags := make([][]byte, n)
+		prevs := make([][]byte, n)
+		for i, op := range run {
+			keys[i], versions[i], vals[i] = op.key, op.roff, op.val
+			offs[i], positions[i], tags[i], prevs[i] = op.off, op.pos, op.tags, op.prev
+		}
+		switch run[0].kind {
+		case opInsert:
+			batch.Queue(b.sql.recordInsert(ch), keys, versions, vals)
+		case opUpdate:
+			batch.Queue(b.sql.recordUpdate(ch), keys, versions, vals)
+		case opDelete:
+			batch.Queue(b.sql.recordDelete(ch), keys)
+		}
+		last := run[n-1]
+		batch.Queue(b.sql.streamWrite, ch, last.off, last.pos, epoch, keys, offs, positions, versions, tags, prevs)
 	}
 }
 
@@ -230,8 +291,11 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	if p.needLife {
 		return needLife, nil
 	}
-	b.queueTail(&p.batch, req.ch, p.expiry, p.meta)
-	err = commit(ctx, conn, &p.batch)
+	var batch pgx.Batch
+	b.queueOps(&batch, req.ch, p.ops, m.epoch())
+	batch.QueuedQueries = append(batch.QueuedQueries, p.batch.QueuedQueries...)
+	b.queueTail(&batch, req.ch, p.expiry, p.meta)
+	err = commit(ctx, conn, &batch)
 	if err == nil {
 		return done, nil
 	}
@@ -429,17 +493,15 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 		p := &plan{}
 		off, pos := p.next(m)
 		roff := off - *m.base
-		write := b.sql.recordInsert(ch)
+		op := recordOp{kind: opInsert, key: key, val: val, off: off, pos: pos, roff: roff}
 		if exists {
-			write = b.sql.recordUpdate(ch)
+			op.kind = opUpdate
+			if opts.UseDelta {
+				op.prev = rec.raw
+			}
 		}
-		p.batch.Queue(write, key, roff, val)
+		p.ops = append(p.ops, op)
 		p.wrote(key, &record{version: roff, raw: val, entry: decodeEntry(val)})
-		var prev []byte
-		if opts.UseDelta && exists {
-			prev = rec.raw
-		}
-		p.batch.Queue(b.sql.streamWrite, ch, off, pos, epoch, roff, nil, prev)
 		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
 		p.expire(key, chOpts.KeyTTL)
 		b.queueMeta(p, ch, m, chOpts)
@@ -470,7 +532,7 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 		return centrifuge.MapUpdateResult{}, err
 	}
 	var res centrifuge.MapUpdateResult
-	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey}, func(st *txState) (*plan, error) {
+	err = b.change(ctx, changeReq{ch: ch, keys: []string{key}, idemKey: opts.IdempotencyKey, removes: true}, func(st *txState) (*plan, error) {
 		m := st.meta
 		epoch := m.epoch()
 		var repeated bool
@@ -520,9 +582,8 @@ func (b *Broker) queueRemoval(p *plan, ch string, m meta, key string, tags map[s
 	}
 	off, pos := p.next(m)
 	roff := off - *m.base
-	p.batch.Queue(b.sql.recordDelete(ch), key)
+	p.ops = append(p.ops, recordOp{kind: opDelete, key: key, off: off, pos: pos, roff: roff, tags: tj})
 	p.wrote(key, nil)
-	p.batch.Queue(b.sql.streamWrite, ch, off, pos, m.epoch(), roff, tj, nil)
 	return roff, nil
 }
 
