@@ -125,12 +125,15 @@ func newSQL(schema string) *sqlSet {
 	// each entry must be at its predicted position with its key and offset.
 	// Were one not (a trigger missing, an event switched off, a row not
 	// there), off or position is NULL and the NOT NULL constraint aborts the
-	// transaction, with the COMMIT queued behind it.
+	// transaction, with the COMMIT queued behind it. Each entry is found by
+	// its position, one index probe (the LIMIT keeps the planner from
+	// making it a join, which a generic plan would do with a scan of the
+	// whole log).
 	s.streamWrite = "INSERT INTO " + s.stream + ` (tbl, off, position, epoch, roff, tags, prev)
 		SELECT $1, CASE WHEN o.off = $2 AND le.off = w.off THEN w.off END, CASE WHEN h.position = $3 AND le.id = w.id THEN w.position END, $4, w.roff, w.tags, w.prev
 		FROM ` + s.head + ` h LEFT JOIN ` + s.offsets + ` o ON o.tbl = $1,
 			unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::jsonb[]) AS w(id, off, position, roff, tags, prev)
-			LEFT JOIN ` + s.entries + ` le ON le.position = w.position AND le.tbl = $1`
+			LEFT JOIN LATERAL (SELECT le.id, le.off FROM ` + s.entries + ` le WHERE le.position = w.position AND le.tbl = $1 LIMIT 1) le ON true`
 	s.expirySet = "INSERT INTO " + s.expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3 * interval '1 microsecond')
 		ON CONFLICT (tbl, id) DO UPDATE SET expires_at = excluded.expires_at`
 	s.expiryDelete = "DELETE FROM " + s.expiry + " WHERE tbl = $1 AND id = ANY($2::text[])"
