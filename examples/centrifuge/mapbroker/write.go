@@ -24,17 +24,19 @@ import (
 // tables, in two round trips:
 //
 //  1. BEGIN; the channel's advisory lock, shared (tried for, not waited
-//     for), then the log's head row FOR UPDATE; the channel's meta (the table's oid and last offset, the
-//     channel's life); the idempotency result; the records of the keys.
-//  2. The record's INSERT, UPDATE or DELETE; the broker's stream index row;
-//     the idempotency result; the key's expiry; COMMIT.
+//     for), then the log's head row FOR UPDATE; the channel's meta (the
+//     table's oid and last offset, the channel's life); the idempotency
+//     results; the records of the keys.
+//  2. The records' INSERT, UPDATE or DELETE; the broker's stream index
+//     rows; the idempotency results; the keys' expiry; COMMIT.
 //
 // The head row is the lock that pgstore's batches and every record table's
 // BEFORE STATEMENT trigger take first, and hold to their commit. Holding it,
 // the change is the only writer of the schema's log: what it read cannot
-// change before it commits, and its one-row statement takes the next
-// position and the table's next offset, which it can so predict, write into
-// the record (its version) and the index, and check (see streamWrite).
+// change before it commits, and its statements take the next positions and
+// the table's next offsets, in key order within each statement, which it
+// can so predict, write into the records (their version) and the index, and
+// check (see queueOps and streamWrite).
 // The meta is read in a statement after the lock's, so that its snapshot
 // sees every writer that held the head before.
 //
