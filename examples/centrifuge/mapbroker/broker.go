@@ -144,7 +144,7 @@ func New(node *centrifuge.Node, cfg Config) (*Broker, error) {
 		return nil, err
 	}
 	if err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, b.sql.lockSchema, lockClass, b.sql.schema); err != nil {
+		if _, err := tx.Exec(ctx, b.sql.lockExclusive, lockClass, b.sql.schema); err != nil {
 			return err
 		}
 		for _, stmt := range b.sql.createTables {
@@ -164,8 +164,7 @@ func New(node *centrifuge.Node, cfg Config) (*Broker, error) {
 // checkLog checks that the schema's change log is on, and that the store
 // and the pool see the same log.
 func (b *Broker) checkLog(ctx context.Context) error {
-	schema := b.sql.schema
-	readLog := "SELECT replace(log_id::text, '-', ''), active FROM " + b.sql.head
+	schema, readLog := b.sql.schema, b.sql.readLog
 	var viaPool string
 	var active bool
 	err := b.pool.QueryRow(ctx, readLog).Scan(&viaPool, &active)
@@ -238,7 +237,7 @@ func (b *Broker) RegisterEventHandler(h centrifuge.BrokerEventHandler) error {
 	}
 	ctx, cancel := context.WithTimeout(b.bgCtx, 30*time.Second)
 	defer cancel()
-	sub, err := b.store.Subscribe(ctx, b.deliver)
+	sub, err := b.store.Subscribe(ctx, b.deliver, pgstore.ForEvents(pgstore.Insert, pgstore.Update, pgstore.Delete))
 	if err != nil {
 		return fmt.Errorf("mapbroker: follow the change log: %w", err)
 	}
@@ -377,13 +376,9 @@ type meta struct {
 	now               time.Time
 }
 
-type queryRower interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}
-
-func (b *Broker) readMeta(ctx context.Context, q queryRower, ch string) (meta, error) {
+func (b *Broker) readMeta(ctx context.Context, tx pgx.Tx, ch string) (meta, error) {
 	var m meta
-	err := q.QueryRow(ctx, b.sql.meta, ch, b.sql.schema).Scan(m.scan()...)
+	err := tx.QueryRow(ctx, b.sql.meta, ch, b.sql.schema).Scan(m.scan()...)
 	return m, err
 }
 
@@ -432,18 +427,8 @@ func isUndefinedTable(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }
 
-func pgCode(err error) string {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return pgErr.Code
-	}
-	return ""
-}
-
 // lockKey names a channel's advisory lock.
 func (b *Broker) lockKey(ch string) string { return b.sql.schema + "/" + ch }
-
-func micros(d time.Duration) int64 { return d.Microseconds() }
 
 // keepAlive renews a channel's MetaTTL when it is read, as centrifuge's
 // brokers do (the node's position checks of its subscribers read it), but
@@ -452,7 +437,7 @@ func (b *Broker) keepAlive(ctx context.Context, ch string, m meta, chOpts centri
 	if chOpts.MetaTTL <= 0 || !m.ready() || m.metaExpires == nil || m.metaExpires.Sub(m.now) > chOpts.MetaTTL/2 {
 		return
 	}
-	if _, err := b.pool.Exec(ctx, b.sql.metaTouch, ch, *m.base, micros(chOpts.MetaTTL)); err != nil {
+	if _, err := b.pool.Exec(ctx, b.sql.metaTouch, ch, *m.base, chOpts.MetaTTL); err != nil {
 		b.warn(ctx, "renew the MetaTTL of channel "+ch, err)
 	}
 }

@@ -56,7 +56,7 @@ func (b *Broker) ensure(ctx context.Context, ch string) error {
 	b.ensureMu.Lock()
 	defer b.ensureMu.Unlock()
 	err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, b.sql.lockChannel, lockClass, b.lockKey(ch)); err != nil {
+		if _, err := tx.Exec(ctx, b.sql.lockExclusive, lockClass, b.lockKey(ch)); err != nil {
 			return err
 		}
 		m, err := b.readMeta(ctx, tx, ch)
@@ -125,13 +125,12 @@ func (b *Broker) drop(ctx context.Context, ch string, ifExpired bool) error {
 	b.ensureMu.Lock()
 	defer b.ensureMu.Unlock()
 	err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, b.sql.lockChannel, lockClass, b.lockKey(ch)); err != nil {
+		if _, err := tx.Exec(ctx, b.sql.lockExclusive, lockClass, b.lockKey(ch)); err != nil {
 			return err
 		}
 		if ifExpired {
 			var expired bool
-			err := tx.QueryRow(ctx, "SELECT coalesce(meta_expires <= now(), false) FROM "+b.sql.epochs+
-				" WHERE tbl = $1 ORDER BY base DESC LIMIT 1", ch).Scan(&expired)
+			err := tx.QueryRow(ctx, b.sql.metaExpired, ch).Scan(&expired)
 			if errors.Is(err, pgx.ErrNoRows) || err == nil && !expired {
 				return nil
 			}

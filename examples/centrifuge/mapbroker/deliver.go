@@ -28,17 +28,14 @@ import (
 // tags are in the broker's stream index. An entry written to the table
 // without the broker is mapped to the life its offset falls in.
 
-// deliver is the handler of the broker's log subscription.
+// deliver is the handler of the broker's log subscription, which receives
+// the log's Insert, Update and Delete events, and Resync.
 func (b *Broker) deliver(e pgstore.Event) {
-	switch e.Type {
-	case pgstore.Insert, pgstore.Update, pgstore.Delete:
-	case pgstore.Resync:
+	if e.Type == pgstore.Resync {
 		// Entries were missed (the subscription fell behind the log's
 		// retention). The node's periodic position checks find the gap
 		// and have its clients recover.
 		b.logger.Warn("mapbroker: publications may have been missed by this node", "schema", e.Schema, "reason", e.Reason)
-		return
-	default:
 		return
 	}
 	if e.ID == sentinelID {

@@ -96,14 +96,30 @@ func checkTags(tags map[string]string) error {
 	return nil
 }
 
-// newEnvelope makes the record value of a publication.
-func newEnvelope(epoch string, opts centrifuge.MapPublishOptions, version uint64, versionEpoch string, now int64) (envelope, error) {
+// checkPublication reports why a publication's text cannot be stored
+// exactly as given.
+func checkPublication(opts centrifuge.MapPublishOptions) error {
 	if err := checkTags(opts.Tags); err != nil {
-		return envelope{}, err
+		return err
 	}
-	if err := checkText("VersionEpoch", versionEpoch); err != nil {
-		return envelope{}, err
+	if err := checkText("VersionEpoch", opts.VersionEpoch); err != nil {
+		return err
 	}
+	if ci := opts.ClientInfo; ci != nil {
+		if err := checkText("ClientInfo.ClientID", ci.ClientID); err != nil {
+			return err
+		}
+		if err := checkText("ClientInfo.UserID", ci.UserID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// newEnvelope makes the record value of a publication that passed
+// checkPublication; versionEpoch is its own or the stored entry's, which
+// passed it before.
+func newEnvelope(epoch string, opts centrifuge.MapPublishOptions, version uint64, versionEpoch string, now int64) envelope {
 	env := envelope{
 		Marker:       envelopeMarker,
 		Epoch:        epoch,
@@ -115,17 +131,11 @@ func newEnvelope(epoch string, opts centrifuge.MapPublishOptions, version uint64
 	}
 	env.Data, env.DataB64 = encodeBytes(opts.Data)
 	if ci := opts.ClientInfo; ci != nil {
-		if err := checkText("ClientInfo.ClientID", ci.ClientID); err != nil {
-			return envelope{}, err
-		}
-		if err := checkText("ClientInfo.UserID", ci.UserID); err != nil {
-			return envelope{}, err
-		}
 		env.Info = &infoJSON{Client: ci.ClientID, User: ci.UserID}
 		env.Info.ConnInfo, env.Info.ConnInfoB64 = encodeBytes(ci.ConnInfo)
 		env.Info.ChanInfo, env.Info.ChanInfoB64 = encodeBytes(ci.ChanInfo)
 	}
-	return env, nil
+	return env
 }
 
 // An entry is a record of a channel's table as the broker reads it.
@@ -184,13 +194,13 @@ func (e entry) version() (uint64, string) {
 	return e.env.Version, e.env.VersionEpoch
 }
 
-// tagsJSON is the jsonb of a removal's tags; nil when there are none.
-func tagsJSON(tags map[string]string) ([]byte, error) {
+// tagsJSON is the jsonb of a removal's tags; nil when there are none. The
+// tags are a Remove's, which it checked, or a stored entry's, which jsonb
+// held; and a map of strings always marshals.
+func tagsJSON(tags map[string]string) []byte {
 	if len(tags) == 0 {
-		return nil, nil
+		return nil
 	}
-	if err := checkTags(tags); err != nil {
-		return nil, err
-	}
-	return json.Marshal(tags)
+	b, _ := json.Marshal(tags)
+	return b
 }

@@ -165,11 +165,6 @@ func waves(group []*queuedChange) [][]int {
 	return ws
 }
 
-func hasRecord(st *txState, key string) bool {
-	_, ok := st.records[key]
-	return ok
-}
-
 // groupLinger is how long a group waits for as many changes as the last
 // one had. The callers that the last group answered are likely to come
 // back at once; without the wait, the next group would take the first of
@@ -245,19 +240,20 @@ func (b *Broker) runGroup(ch string, group []*queuedChange) {
 	wrote := make([]bool, len(group))
 	decided := make([]error, len(group))
 	epoch := st.meta.epoch()
+	// The kind of record write change i would make, as the records stand.
+	kind := func(i int) opKind {
+		if group[i].req.removes {
+			return opDelete
+		}
+		if _, ok := st.records[group[i].req.keys[0]]; ok {
+			return opUpdate
+		}
+		return opInsert
+	}
 	for _, wave := range waves(group) {
 		// The wave's records are written a statement per kind, whose log
 		// trigger numbers their entries in key order: decided in that
 		// order, each change predicts its entry's position.
-		kind := func(i int) opKind {
-			switch {
-			case group[i].req.removes:
-				return opDelete
-			case hasRecord(st, group[i].req.keys[0]):
-				return opUpdate
-			}
-			return opInsert
-		}
 		slices.SortFunc(wave, func(i, j int) int {
 			return cmp.Or(cmp.Compare(kind(i), kind(j)), cmp.Compare(group[i].req.keys[0], group[j].req.keys[0]))
 		})
@@ -265,7 +261,6 @@ func (b *Broker) runGroup(ch string, group []*queuedChange) {
 		var rest []*pgx.QueuedQuery
 		for _, i := range wave {
 			c := group[i]
-			st.idem = st.idems[c.req.idemKey]
 			p, err := c.decide(st)
 			switch {
 			case err != nil:

@@ -201,8 +201,31 @@ func TestClearRacingChangesLosesNoAcknowledgedOne(t *testing.T) {
 	publish(t, a.broker, "big-busy", "seed", "x")
 	var mu sync.Mutex
 	acked := make(map[string][]uint64) // by epoch
+	total := 0                         // of acked
+	progress := make(chan struct{}, 1) // an acknowledgement came
+	// waitAcks waits until n changes in all were acknowledged.
+	waitAcks := func(n int) {
+		t.Helper()
+		deadline := time.NewTimer(10 * time.Second)
+		defer deadline.Stop()
+		for {
+			mu.Lock()
+			got := total
+			mu.Unlock()
+			if got >= n {
+				return
+			}
+			select {
+			case <-progress:
+			case <-deadline.C:
+				t.Fatalf("%d changes acknowledged after 10s, want %d", got, n)
+			}
+		}
+	}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	stopWorkers := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	defer stopWorkers() // also when the test fails while they run
 	for w := range 4 {
 		n := a
 		if w%2 == 1 {
@@ -221,15 +244,22 @@ func TestClearRacingChangesLosesNoAcknowledgedOne(t *testing.T) {
 				}
 				mu.Lock()
 				acked[res.Position.Epoch] = append(acked[res.Position.Epoch], res.Position.Offset)
+				total++
 				mu.Unlock()
+				select {
+				case progress <- struct{}{}:
+				default:
+				}
 			}
 		})
 	}
-	time.Sleep(100 * time.Millisecond)
+	waitAcks(20) // changes are under way
 	require.NoError(t, b.broker.Clear(ctx, "big-busy", centrifuge.MapClearOptions{}))
-	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	mu.Lock()
+	cleared := total
+	mu.Unlock()
+	waitAcks(cleared + 20) // and go on after Clear
+	stopWorkers()
 
 	stream := readStream(t, a.broker, "big-busy", centrifuge.StreamFilter{Limit: -1})
 	final := stream.Position.Epoch

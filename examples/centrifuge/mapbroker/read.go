@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/centrifugal/centrifuge"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // beginSnapshot starts a read: one repeatable-read snapshot, so that the
@@ -35,11 +37,19 @@ func (b *Broker) ReadState(ctx context.Context, ch string, opts centrifuge.MapRe
 			return centrifuge.MapStateResult{}, err
 		}
 	}
-	var res centrifuge.MapStateResult
-	err = b.retry(ctx, ch, func() (step, error) {
+	return retryRead(ctx, b, ch, func() (centrifuge.MapStateResult, step, error) {
+		return b.readStateOnce(ctx, ch, chOpts, opts)
+	})
+}
+
+// retryRead runs a read until it is done (see retry), and returns what its
+// last attempt read.
+func retryRead[R any](ctx context.Context, b *Broker, ch string, once func() (R, step, error)) (R, error) {
+	var res R
+	err := b.retry(ctx, ch, func() (step, error) {
 		var n step
 		var err error
-		res, n, err = b.readStateOnce(ctx, ch, chOpts, opts)
+		res, n, err = once()
 		return n, err
 	})
 	return res, err
@@ -136,14 +146,9 @@ func (b *Broker) ReadStream(ctx context.Context, ch string, opts centrifuge.MapR
 	if err != nil {
 		return centrifuge.MapStreamResult{}, err
 	}
-	var res centrifuge.MapStreamResult
-	err = b.retry(ctx, ch, func() (step, error) {
-		var n step
-		var err error
-		res, n, err = b.readStreamOnce(ctx, ch, chOpts, opts.Filter)
-		return n, err
+	return retryRead(ctx, b, ch, func() (centrifuge.MapStreamResult, step, error) {
+		return b.readStreamOnce(ctx, ch, chOpts, opts.Filter)
 	})
-	return res, err
 }
 
 func (b *Broker) readStreamOnce(ctx context.Context, ch string, chOpts centrifuge.MapChannelOptions, f centrifuge.StreamFilter) (res centrifuge.MapStreamResult, n step, err error) {
@@ -159,6 +164,9 @@ func (b *Broker) readStreamOnce(ctx context.Context, ch string, chOpts centrifug
 	rb.Queue(b.sql.meta, ch, b.sql.schema).QueryRow(func(r pgx.Row) error { return r.Scan(m.scan()...) })
 	rb.Queue(b.sql.oldestEntry, ch).
 		QueryRow(func(r pgx.Row) error { return r.Scan(&oldest) })
+	if f.Limit == 0 {
+		rb.Queue("COMMIT") // the position only: no entries to read in the snapshot
+	}
 	if err := conn.SendBatch(ctx, &rb).Close(); err != nil {
 		return res, done, fmt.Errorf("mapbroker: read the stream of channel %q: %w", ch, err)
 	}
@@ -221,30 +229,20 @@ func (b *Broker) readStreamOnce(ctx context.Context, ch string, chOpts centrifug
 	if err != nil {
 		return res, done, fmt.Errorf("mapbroker: read the stream of channel %q: %w", ch, err)
 	}
-	if _, err := conn.Exec(ctx, "COMMIT"); err != nil {
-		return res, done, fmt.Errorf("mapbroker: read the stream of channel %q: %w", ch, err)
-	}
 	if f.Reverse {
-		for i, j := 0, len(pubs)-1; i < j; i, j = i+1, j-1 {
-			pubs[i], pubs[j] = pubs[j], pubs[i]
-		}
+		slices.Reverse(pubs)
 	}
 	res.Publications = pubs
 	return res, done, nil
 }
 
-// readEntries reads the stream's entries lo to hi, in offset order. An
-// entry that is missing (retention dropped it, or it was written to the
-// table without the broker, which leaves no index row) makes the read
-// unrecoverable rather than holed.
-func (b *Broker) readEntries(ctx context.Context, conn interface {
-	Query(context.Context, string, ...any) (pgx.Rows, error)
-}, ch string, m meta, lo, hi int64) ([]*centrifuge.Publication, error) {
+// readEntries reads the stream's entries lo to hi, in offset order, and
+// commits the read's snapshot in the same round trip. An entry that is
+// missing (retention dropped it, or it was written to the table without
+// the broker, which leaves no index row) makes the read unrecoverable
+// rather than holed.
+func (b *Broker) readEntries(ctx context.Context, conn *pgxpool.Conn, ch string, m meta, lo, hi int64) ([]*centrifuge.Publication, error) {
 	base, epoch := *m.base, m.epoch()
-	rows, err := conn.Query(ctx, b.sql.streamRead, ch, base+lo, base+hi, m.dropped)
-	if err != nil {
-		return nil, err
-	}
 	var pubs []*centrifuge.Publication
 	var off, roff int64
 	var rowEpoch string
@@ -253,33 +251,38 @@ func (b *Broker) readEntries(ctx context.Context, conn interface {
 	var op, id *string
 	var val []byte
 	want := lo
-	_, err = pgx.ForEachRow(rows, []any{&off, &roff, &rowEpoch, &tags, &at, &op, &id, &val}, func() error {
-		if off != base+want || roff != want || rowEpoch != epoch || op == nil || id == nil {
-			return centrifuge.ErrorUnrecoverablePosition
-		}
-		want++
-		switch *op {
-		case "D":
-			pub := &centrifuge.Publication{Key: *id, Removed: true, Offset: uint64(roff), Time: at.UnixMilli()}
-			if tags != nil {
-				if err := json.Unmarshal(tags, &pub.Tags); err != nil {
-					return fmt.Errorf("tags of the removal of %q: %w", *id, err)
+	var rb pgx.Batch
+	rb.Queue(b.sql.streamRead, ch, base+lo, base+hi, m.dropped).Query(func(rows pgx.Rows) error {
+		_, err := pgx.ForEachRow(rows, []any{&off, &roff, &rowEpoch, &tags, &at, &op, &id, &val}, func() error {
+			if off != base+want || roff != want || rowEpoch != epoch || op == nil || id == nil {
+				return centrifuge.ErrorUnrecoverablePosition
+			}
+			want++
+			switch *op {
+			case "D":
+				pub := &centrifuge.Publication{Key: *id, Removed: true, Offset: uint64(roff), Time: at.UnixMilli()}
+				if tags != nil {
+					if err := json.Unmarshal(tags, &pub.Tags); err != nil {
+						return fmt.Errorf("tags of the removal of %q: %w", *id, err)
+					}
 				}
+				pubs = append(pubs, pub)
+			case "I", "U":
+				pub, err := decodeEntry(val).publication(*id, uint64(roff))
+				if err != nil {
+					return err
+				}
+				pubs = append(pubs, pub)
+			default:
+				return centrifuge.ErrorUnrecoverablePosition
 			}
-			pubs = append(pubs, pub)
-		case "I", "U":
-			pub, err := decodeEntry(val).publication(*id, uint64(roff))
-			if err != nil {
-				return err
-			}
-			pubs = append(pubs, pub)
-		default:
-			return centrifuge.ErrorUnrecoverablePosition
-		}
-		tags, val = nil, nil
-		return nil
+			tags, val = nil, nil
+			return nil
+		})
+		return err
 	})
-	if err != nil {
+	rb.Queue("COMMIT")
+	if err := conn.SendBatch(ctx, &rb).Close(); err != nil {
 		return nil, err
 	}
 	if want != hi+1 {

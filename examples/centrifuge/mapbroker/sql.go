@@ -41,57 +41,51 @@ const lockClass = 0x63656e74 // "cent"
 type sqlSet struct {
 	schema string
 
-	head, entries, offsets       string
-	epochs, stream, idem, expiry string
-	createTables                 []string
-	lockSchema                   string
-	lockChannel                  string
-	lockHead                     string
-	meta                         string
-	idemRead, idemWrite          string
-	streamWrite                  string
-	expirySet, expiryDelete      string
-	expiryRefresh                string
-	metaTouch, metaClear         string
-	epochInsert                  string
-	streamRead                   string
-	streamRow                    string
-	oldestEntry                  string
-	epochBefore                  string
-	expiredKeys                  string
-	expiredChannels              string
-	cleanupStream, cleanupIdem   string
-	cleanupEpochs                string
-	forgetChannel                []string
+	createTables               []string
+	readLog                    string
+	lockExclusive              string
+	lockHead                   string
+	meta                       string
+	metaExpired                string
+	idemRead, idemWrite        string
+	keysExpired                string
+	streamWrite                string
+	expirySet, expiryDelete    string
+	expiryRefresh              string
+	metaTouch, metaClear       string
+	epochInsert                string
+	streamRead                 string
+	streamRow                  string
+	oldestEntry                string
+	epochBefore                string
+	expiredKeys                string
+	expiredChannels            string
+	cleanupStream, cleanupIdem string
+	cleanupEpochs              string
+	forgetChannel              []string
 }
 
 func newSQL(schema string) *sqlSet {
 	q := func(name string) string { return pgx.Identifier{schema, name}.Sanitize() }
-	s := &sqlSet{
-		schema:  schema,
-		head:    q(logHead),
-		entries: q(logEntries),
-		offsets: q(logOffsets),
-		epochs:  q(epochsTable),
-		stream:  q(streamTable),
-		idem:    q(idempotencyTable),
-		expiry:  q(expiryTable),
-	}
+	head, entries, offsets := q(logHead), q(logEntries), q(logOffsets)
+	epochs, stream, idem, expiry := q(epochsTable), q(streamTable), q(idempotencyTable), q(expiryTable)
+	s := &sqlSet{schema: schema}
 	s.createTables = []string{
-		"CREATE TABLE IF NOT EXISTS " + s.epochs + ` (tbl text COLLATE "C" NOT NULL, base bigint NOT NULL, epoch text NOT NULL,
+		"CREATE TABLE IF NOT EXISTS " + epochs + ` (tbl text COLLATE "C" NOT NULL, base bigint NOT NULL, epoch text NOT NULL,
 			tbl_oid oid NOT NULL, meta_expires timestamptz, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, base))`,
-		"CREATE TABLE IF NOT EXISTS " + s.stream + ` (tbl text COLLATE "C" NOT NULL, off bigint NOT NULL, position bigint NOT NULL,
+		"CREATE TABLE IF NOT EXISTS " + stream + ` (tbl text COLLATE "C" NOT NULL, off bigint NOT NULL, position bigint NOT NULL,
 			epoch text NOT NULL, roff bigint NOT NULL, tags jsonb, prev jsonb, at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tbl, off))`,
-		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/stream_position"}.Sanitize() + " ON " + s.stream + " (position)",
-		"CREATE TABLE IF NOT EXISTS " + s.idem + ` (tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, epoch text NOT NULL,
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/stream_position"}.Sanitize() + " ON " + stream + " (position)",
+		"CREATE TABLE IF NOT EXISTS " + idem + ` (tbl text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, epoch text NOT NULL,
 			roff bigint NOT NULL, expires_at timestamptz NOT NULL, PRIMARY KEY (tbl, key))`,
-		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/idempotency_expires"}.Sanitize() + " ON " + s.idem + " (expires_at)",
-		"CREATE TABLE IF NOT EXISTS " + s.expiry + ` (tbl text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/idempotency_expires"}.Sanitize() + " ON " + idem + " (expires_at)",
+		"CREATE TABLE IF NOT EXISTS " + expiry + ` (tbl text COLLATE "C" NOT NULL, id text COLLATE "C" NOT NULL,
 			expires_at timestamptz NOT NULL, PRIMARY KEY (tbl, id))`,
-		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/expiry_at"}.Sanitize() + " ON " + s.expiry + " (expires_at)",
+		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"centrifuge/expiry_at"}.Sanitize() + " ON " + expiry + " (expires_at)",
 	}
-	s.lockSchema = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
-	// A channel's lock is taken exclusive by what makes or ends the
+	s.readLog = "SELECT replace(log_id::text, '-', ''), active FROM " + head
+	// The schema's lock is taken exclusive by New, to make the broker's
+	// tables. A channel's lock is taken exclusive by what makes or ends the
 	// channel's table (ensure, Clear), and shared by every change of the
 	// broker, before the log's head, which is the lock every writer of the
 	// schema takes first (pgstore's batches, the BEFORE STATEMENT trigger of
@@ -99,12 +93,12 @@ func newSQL(schema string) *sqlSet {
 	// head lock, while the channel is being made or dropped; it waits
 	// without holding a connection (see retry). A try that conflicts with
 	// a waiting exclusive lock fails too, so Clear is never starved.
-	s.lockChannel = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
+	s.lockExclusive = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))"
 	// Once it holds the head, it says so in pgstore's setting, so that the
 	// head-lock trigger of each statement that writes a record is skipped:
 	// set over the rows already locked, as pgstore's batches do, since in
 	// the scan below the lock it would be set before the lock is taken.
-	s.lockHead = "SELECT set_config('pgstore.head_locked', $3, true) IS NOT NULL FROM (SELECT FROM " + s.head +
+	s.lockHead = "SELECT set_config('pgstore.head_locked', $3, true) IS NOT NULL FROM (SELECT FROM " + head +
 		" WHERE pg_try_advisory_xact_lock_shared($1::int4, hashtext($2)) FOR UPDATE) AS locked"
 	// Everything a change or a read needs to know of a channel, in one
 	// statement (so in one snapshot). $1 is the table's name, $2 the
@@ -113,12 +107,14 @@ func newSQL(schema string) *sqlSet {
 	// just made.
 	s.meta = `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
 		(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $2 AND c.relname = $1),
-		coalesce((SELECT o.off FROM ` + s.offsets + ` o WHERE o.tbl = $1), 0),
+		coalesce((SELECT o.off FROM ` + offsets + ` o WHERE o.tbl = $1), 0),
 		e.base, e.epoch, e.tbl_oid, e.meta_expires,
-		(SELECT st.at FROM ` + s.stream + ` st WHERE st.tbl = $1 ORDER BY st.off DESC LIMIT 1), now()
-		FROM ` + s.head + ` h LEFT JOIN LATERAL (SELECT base, epoch, tbl_oid, meta_expires FROM ` + s.epochs + ` WHERE tbl = $1 ORDER BY base DESC LIMIT 1) e ON true`
-	s.idemRead = "SELECT key, epoch, roff FROM " + s.idem + " WHERE tbl = $1 AND key = ANY($2::text[]) AND expires_at > now()"
-	s.idemWrite = "INSERT INTO " + s.idem + ` AS t (tbl, key, epoch, roff, expires_at) VALUES ($1, $2, $3, $4, now() + $5 * interval '1 microsecond')
+		(SELECT st.at FROM ` + stream + ` st WHERE st.tbl = $1 ORDER BY st.off DESC LIMIT 1), now()
+		FROM ` + head + ` h LEFT JOIN LATERAL (SELECT base, epoch, tbl_oid, meta_expires FROM ` + epochs + ` WHERE tbl = $1 ORDER BY base DESC LIMIT 1) e ON true`
+	s.metaExpired = "SELECT coalesce(meta_expires <= now(), false) FROM " + epochs + " WHERE tbl = $1 ORDER BY base DESC LIMIT 1"
+	s.keysExpired = "SELECT id FROM " + expiry + " WHERE tbl = $1 AND id = ANY($2::text[]) AND expires_at <= now() FOR UPDATE"
+	s.idemRead = "SELECT key, epoch, roff FROM " + idem + " WHERE tbl = $1 AND key = ANY($2::text[]) AND expires_at > now()"
+	s.idemWrite = "INSERT INTO " + idem + ` AS t (tbl, key, epoch, roff, expires_at) VALUES ($1, $2, $3, $4, now() + $5::interval)
 		ON CONFLICT (tbl, key) DO UPDATE SET epoch = excluded.epoch, roff = excluded.roff, expires_at = excluded.expires_at`
 	// The entries that the statement just before it made must be the ones
 	// predicted: the log must end at $3 and the table's offsets at $2, and
@@ -129,41 +125,41 @@ func newSQL(schema string) *sqlSet {
 	// its position, one index probe (the LIMIT keeps the planner from
 	// making it a join, which a generic plan would do with a scan of the
 	// whole log).
-	s.streamWrite = "INSERT INTO " + s.stream + ` (tbl, off, position, epoch, roff, tags, prev)
+	s.streamWrite = "INSERT INTO " + stream + ` (tbl, off, position, epoch, roff, tags, prev)
 		SELECT $1, CASE WHEN o.off = $2 AND le.off = w.off THEN w.off END, CASE WHEN h.position = $3 AND le.id = w.id THEN w.position END, $4, w.roff, w.tags, w.prev
-		FROM ` + s.head + ` h LEFT JOIN ` + s.offsets + ` o ON o.tbl = $1,
+		FROM ` + head + ` h LEFT JOIN ` + offsets + ` o ON o.tbl = $1,
 			unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::jsonb[]) AS w(id, off, position, roff, tags, prev)
-			LEFT JOIN LATERAL (SELECT le.id, le.off FROM ` + s.entries + ` le WHERE le.position = w.position AND le.tbl = $1 LIMIT 1) le ON true`
-	s.expirySet = "INSERT INTO " + s.expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3 * interval '1 microsecond')
+			LEFT JOIN LATERAL (SELECT le.id, le.off FROM ` + entries + ` le WHERE le.position = w.position AND le.tbl = $1 LIMIT 1) le ON true`
+	s.expirySet = "INSERT INTO " + expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3::interval)
 		ON CONFLICT (tbl, id) DO UPDATE SET expires_at = excluded.expires_at`
-	s.expiryDelete = "DELETE FROM " + s.expiry + " WHERE tbl = $1 AND id = ANY($2::text[])"
-	s.expiryRefresh = "UPDATE " + s.expiry + " SET expires_at = now() + $3 * interval '1 microsecond' WHERE tbl = $1 AND id = $2"
-	s.metaTouch = "UPDATE " + s.epochs + " SET meta_expires = now() + $3 * interval '1 microsecond' WHERE tbl = $1 AND base = $2"
-	s.metaClear = "UPDATE " + s.epochs + " SET meta_expires = NULL WHERE tbl = $1 AND base = $2 AND meta_expires IS NOT NULL"
-	s.epochInsert = "INSERT INTO " + s.epochs + " (tbl, base, epoch, tbl_oid) VALUES ($1, $2, $3, $4) ON CONFLICT (tbl, base) DO UPDATE SET epoch = excluded.epoch, tbl_oid = excluded.tbl_oid"
+	s.expiryDelete = "DELETE FROM " + expiry + " WHERE tbl = $1 AND id = ANY($2::text[])"
+	s.expiryRefresh = "UPDATE " + expiry + " SET expires_at = now() + $3::interval WHERE tbl = $1 AND id = $2"
+	s.metaTouch = "UPDATE " + epochs + " SET meta_expires = now() + $3::interval WHERE tbl = $1 AND base = $2"
+	s.metaClear = "UPDATE " + epochs + " SET meta_expires = NULL WHERE tbl = $1 AND base = $2 AND meta_expires IS NOT NULL"
+	s.epochInsert = "INSERT INTO " + epochs + " (tbl, base, epoch, tbl_oid) VALUES ($1, $2, $3, $4) ON CONFLICT (tbl, base) DO UPDATE SET epoch = excluded.epoch, tbl_oid = excluded.tbl_oid"
 	// The entries of a table between two offsets, through the broker's
 	// index: each is found in the log by its position (the log's only
 	// index), one probe per entry.
 	s.streamRead = `SELECT st.off, st.roff, st.epoch, st.tags, st.at, e.op::text, e.id, e.val
-		FROM ` + s.stream + ` st LEFT JOIN LATERAL (SELECT le.op, le.id, le.val FROM ` + s.entries + ` le
+		FROM ` + stream + ` st LEFT JOIN LATERAL (SELECT le.op, le.id, le.val FROM ` + entries + ` le
 			WHERE le.position = st.position AND le.tbl = st.tbl AND le.off = st.off) e ON true
 		WHERE st.tbl = $1 AND st.off BETWEEN $2 AND $3 AND st.position > $4 ORDER BY st.off`
 	// The oldest entry of the channel's last life that the log still holds.
-	s.oldestEntry = "SELECT min(off) FROM " + s.stream + " WHERE tbl = $1 AND position > (SELECT dropped FROM " + s.head + ")" +
-		" AND off > coalesce((SELECT max(base) FROM " + s.epochs + " WHERE tbl = $1), 0)"
-	s.streamRow = "SELECT epoch, roff, tags, prev, at FROM " + s.stream + " WHERE tbl = $1 AND off = $2"
-	s.epochBefore = "SELECT base, epoch FROM " + s.epochs + " WHERE tbl = $1 AND base < $2 ORDER BY base DESC LIMIT 1"
-	s.expiredKeys = "SELECT tbl, id FROM " + s.expiry + " WHERE expires_at <= now() ORDER BY expires_at LIMIT $1"
-	s.expiredChannels = "SELECT DISTINCT tbl FROM " + s.epochs + " WHERE meta_expires <= now() LIMIT $1"
-	s.cleanupStream = "DELETE FROM " + s.stream + " WHERE position <= (SELECT dropped FROM " + s.head + ")"
-	s.cleanupIdem = "DELETE FROM " + s.idem + " WHERE expires_at <= now()"
+	s.oldestEntry = "SELECT min(off) FROM " + stream + " WHERE tbl = $1 AND position > (SELECT dropped FROM " + head + ")" +
+		" AND off > coalesce((SELECT max(base) FROM " + epochs + " WHERE tbl = $1), 0)"
+	s.streamRow = "SELECT epoch, roff, tags, prev, at FROM " + stream + " WHERE tbl = $1 AND off = $2"
+	s.epochBefore = "SELECT base, epoch FROM " + epochs + " WHERE tbl = $1 AND base < $2 ORDER BY base DESC LIMIT 1"
+	s.expiredKeys = "SELECT tbl, id FROM " + expiry + " WHERE expires_at <= now() ORDER BY expires_at LIMIT $1"
+	s.expiredChannels = "SELECT DISTINCT tbl FROM " + epochs + " WHERE meta_expires <= now() LIMIT $1"
+	s.cleanupStream = "DELETE FROM " + stream + " WHERE position <= (SELECT dropped FROM " + head + ")"
+	s.cleanupIdem = "DELETE FROM " + idem + " WHERE expires_at <= now()"
 	// Lives of a channel other than its last, once a day old: only a
 	// subscription a day behind could still ask for them.
-	s.cleanupEpochs = "DELETE FROM " + s.epochs + " e WHERE created_at < now() - interval '1 day' AND base < (SELECT max(base) FROM " + s.epochs + " l WHERE l.tbl = e.tbl)"
+	s.cleanupEpochs = "DELETE FROM " + epochs + " e WHERE created_at < now() - interval '1 day' AND base < (SELECT max(base) FROM " + epochs + " l WHERE l.tbl = e.tbl)"
 	s.forgetChannel = []string{
-		"DELETE FROM " + s.idem + " WHERE tbl = $1",
-		"DELETE FROM " + s.expiry + " WHERE tbl = $1",
-		"UPDATE " + s.epochs + " SET meta_expires = NULL WHERE tbl = $1",
+		"DELETE FROM " + idem + " WHERE tbl = $1",
+		"DELETE FROM " + expiry + " WHERE tbl = $1",
+		"UPDATE " + epochs + " SET meta_expires = NULL WHERE tbl = $1",
 	}
 	return s
 }

@@ -70,8 +70,7 @@ type changeReq struct {
 type txState struct {
 	locked  bool // the channel's lock and the log's head are held
 	meta    meta
-	idem    *centrifuge.StreamPosition // the result of the change's idempotency key
-	idems   map[string]*centrifuge.StreamPosition
+	idems   map[string]*centrifuge.StreamPosition // by idempotency key, of the channel's epoch
 	records map[string]record
 	expired map[string]bool
 }
@@ -114,7 +113,7 @@ func (b *Broker) queueTail(batch *pgx.Batch, ch string, expiry map[string]time.D
 	var forever []string
 	for _, key := range slices.Sorted(maps.Keys(expiry)) {
 		if ttl := expiry[key]; ttl > 0 {
-			batch.Queue(b.sql.expirySet, ch, key, micros(ttl))
+			batch.Queue(b.sql.expirySet, ch, key, ttl)
 		} else {
 			forever = append(forever, key)
 		}
@@ -277,7 +276,6 @@ func (b *Broker) changeOnce(ctx context.Context, req changeReq, decide func(*txS
 	case !st.locked:
 		return lockBusy, nil
 	}
-	st.idem = st.idems[req.idemKey]
 	m := st.meta
 	b.setKnown(req.ch, m.exists())
 	switch {
@@ -350,21 +348,23 @@ func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeR
 	rb.Queue(b.sql.meta, req.ch, b.sql.schema).QueryRow(func(row pgx.Row) error {
 		return row.Scan(st.meta.scan()...)
 	})
-	idemSeen := map[string]centrifuge.StreamPosition{}
 	if len(idemKeys) > 0 {
+		// After the meta's, whose callback runs first: a result of an
+		// earlier epoch is of an earlier life, and forgotten.
 		rb.Queue(b.sql.idemRead, req.ch, idemKeys).Query(func(rows pgx.Rows) error {
 			var key string
 			var sp centrifuge.StreamPosition
 			_, err := pgx.ForEachRow(rows, []any{&key, &sp.Epoch, &sp.Offset}, func() error {
-				idemSeen[key] = sp
+				if sp.Epoch == st.meta.epoch() {
+					st.idems[key] = &centrifuge.StreamPosition{Offset: sp.Offset, Epoch: sp.Epoch}
+				}
 				return nil
 			})
 			return err
 		})
 	}
 	if req.expired {
-		rb.Queue("SELECT id FROM "+b.sql.expiry+" WHERE tbl = $1 AND id = ANY($2::text[]) AND expires_at <= now() FOR UPDATE",
-			req.ch, req.keys).Query(func(rows pgx.Rows) error {
+		rb.Queue(b.sql.keysExpired, req.ch, req.keys).Query(func(rows pgx.Rows) error {
 			var id string
 			_, err := pgx.ForEachRow(rows, []any{&id}, func() error {
 				st.expired[id] = true
@@ -388,14 +388,6 @@ func (b *Broker) readChange(ctx context.Context, conn *pgxpool.Conn, req changeR
 	}
 	if err := conn.SendBatch(ctx, &rb).Close(); err != nil {
 		return nil, err
-	}
-	if !st.locked {
-		return st, nil
-	}
-	for key, sp := range idemSeen {
-		if sp.Epoch == st.meta.epoch() {
-			st.idems[key] = &sp
-		}
 	}
 	return st, nil
 }
@@ -434,8 +426,7 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 	if err := checkText("IdempotencyKey", opts.IdempotencyKey); err != nil {
 		return centrifuge.MapUpdateResult{}, err
 	}
-	// Checked before the transaction; made again in it with the epoch.
-	if _, err := newEnvelope("", opts, opts.Version, opts.VersionEpoch, 0); err != nil {
+	if err := checkPublication(opts); err != nil {
 		return centrifuge.MapUpdateResult{}, err
 	}
 	now := time.Now().UnixMilli()
@@ -444,18 +435,15 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 		m := st.meta
 		epoch := m.epoch()
 		var repeated bool
-		if res, repeated = startResult(st); repeated {
+		if res, repeated = startResult(st, opts.IdempotencyKey); repeated {
 			return nil, nil
-		}
-		suppress := func(reason centrifuge.SuppressReason) {
-			res.Suppressed, res.SuppressReason = true, reason
 		}
 		rec, exists := st.records[key]
 		version, versionEpoch := opts.Version, opts.VersionEpoch
 		if exists {
 			v, ve := rec.entry.version()
 			if opts.Version > 0 && (opts.VersionEpoch == "" || opts.VersionEpoch == ve) && opts.Version <= v {
-				suppress(centrifuge.SuppressReasonVersion)
+				suppress(&res, centrifuge.SuppressReasonVersion)
 				return nil, nil
 			}
 			if opts.Version == 0 {
@@ -466,16 +454,16 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 		}
 		switch {
 		case opts.KeyMode == centrifuge.KeyModeIfNew && exists:
-			suppress(centrifuge.SuppressReasonKeyExists)
+			suppress(&res, centrifuge.SuppressReasonKeyExists)
 			if !opts.RefreshTTLOnSuppress || chOpts.KeyTTL <= 0 {
 				return nil, nil
 			}
 			p := &plan{}
-			p.batch.Queue(b.sql.expiryRefresh, ch, key, micros(chOpts.KeyTTL))
+			p.batch.Queue(b.sql.expiryRefresh, ch, key, chOpts.KeyTTL)
 			b.queueMeta(p, ch, m, chOpts)
 			return p, nil
 		case opts.KeyMode == centrifuge.KeyModeIfExists && !exists:
-			suppress(centrifuge.SuppressReasonKeyNotFound)
+			suppress(&res, centrifuge.SuppressReasonKeyNotFound)
 			return nil, nil
 		}
 		if mismatch, err := positionMismatch(&res, opts.ExpectedPosition, key, rec, exists, epoch); mismatch || err != nil {
@@ -484,10 +472,7 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 		if !m.ready() {
 			return &plan{needLife: true}, nil
 		}
-		env, err := newEnvelope(epoch, opts, version, versionEpoch, now)
-		if err != nil {
-			return nil, err
-		}
+		env := newEnvelope(epoch, opts, version, versionEpoch, now)
 		val, err := json.Marshal(env)
 		if err != nil {
 			return nil, err
@@ -503,7 +488,7 @@ func (b *Broker) Publish(ctx context.Context, ch string, key string, opts centri
 			}
 		}
 		p.ops = append(p.ops, op)
-		p.wrote(key, &record{version: roff, raw: val, entry: decodeEntry(val)})
+		p.wrote(key, &record{version: roff, raw: val, entry: entry{env: env}})
 		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
 		p.expire(key, chOpts.KeyTTL)
 		b.queueMeta(p, ch, m, chOpts)
@@ -538,11 +523,8 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 		m := st.meta
 		epoch := m.epoch()
 		var repeated bool
-		if res, repeated = startResult(st); repeated {
+		if res, repeated = startResult(st, opts.IdempotencyKey); repeated {
 			return nil, nil
-		}
-		suppress := func(reason centrifuge.SuppressReason) {
-			res.Suppressed, res.SuppressReason = true, reason
 		}
 		rec, exists := st.records[key]
 		// Compare-and-swap first: a caller that expects a position must
@@ -551,7 +533,7 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 			return nil, err
 		}
 		if !exists {
-			suppress(centrifuge.SuppressReasonKeyNotFound)
+			suppress(&res, centrifuge.SuppressReasonKeyNotFound)
 			return nil, nil
 		}
 		tags := rec.entry.tags()
@@ -559,10 +541,7 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 			tags = opts.Tags
 		}
 		p := &plan{}
-		roff, err := b.queueRemoval(p, ch, m, key, tags)
-		if err != nil {
-			return nil, err
-		}
+		roff := b.queueRemoval(p, m, key, tags)
 		b.queueIdempotency(p, ch, opts.IdempotencyKey, opts.IdempotentResultTTL, epoch, roff)
 		p.expire(key, 0)
 		b.queueMeta(p, ch, m, chOpts)
@@ -577,16 +556,12 @@ func (b *Broker) Remove(ctx context.Context, ch string, key string, opts centrif
 
 // queueRemoval queues the deletion of a key and its stream index row, and
 // returns the removal's stream offset.
-func (b *Broker) queueRemoval(p *plan, ch string, m meta, key string, tags map[string]string) (int64, error) {
-	tj, err := tagsJSON(tags)
-	if err != nil {
-		return 0, err
-	}
+func (b *Broker) queueRemoval(p *plan, m meta, key string, tags map[string]string) int64 {
 	off, pos := p.next(m)
 	roff := off - *m.base
-	p.ops = append(p.ops, recordOp{kind: opDelete, key: key, off: off, pos: pos, roff: roff, tags: tj})
+	p.ops = append(p.ops, recordOp{kind: opDelete, key: key, off: off, pos: pos, roff: roff, tags: tagsJSON(tags)})
 	p.wrote(key, nil)
-	return roff, nil
+	return roff
 }
 
 func (b *Broker) queueIdempotency(p *plan, ch, key string, ttl time.Duration, epoch string, roff int64) {
@@ -596,7 +571,7 @@ func (b *Broker) queueIdempotency(p *plan, ch, key string, ttl time.Duration, ep
 	if ttl <= 0 {
 		ttl = b.cfg.IdempotentResultTTL
 	}
-	p.batch.Queue(b.sql.idemWrite, ch, key, epoch, roff, micros(ttl))
+	p.batch.Queue(b.sql.idemWrite, ch, key, epoch, roff, ttl)
 	p.idem = &centrifuge.StreamPosition{Offset: uint64(roff), Epoch: epoch}
 }
 
@@ -606,7 +581,7 @@ func (b *Broker) queueMeta(p *plan, ch string, m meta, chOpts centrifuge.MapChan
 		return
 	}
 	if chOpts.MetaTTL > 0 {
-		p.meta = &pgx.QueuedQuery{SQL: b.sql.metaTouch, Arguments: []any{ch, *m.base, micros(chOpts.MetaTTL)}}
+		p.meta = &pgx.QueuedQuery{SQL: b.sql.metaTouch, Arguments: []any{ch, *m.base, chOpts.MetaTTL}}
 	} else {
 		p.meta = &pgx.QueuedQuery{SQL: b.sql.metaClear, Arguments: []any{ch, *m.base}}
 	}
@@ -632,9 +607,7 @@ func (b *Broker) expireKeys(ctx context.Context, ch string, keys []string) error
 			if !exists {
 				continue
 			}
-			if _, err := b.queueRemoval(p, ch, st.meta, key, rec.entry.tags()); err != nil {
-				return nil, err
-			}
+			b.queueRemoval(p, st.meta, key, rec.entry.tags())
 		}
 		for _, key := range gone {
 			p.expire(key, 0)
@@ -650,16 +623,20 @@ func offsetOf(version int64) uint64 {
 }
 
 // startResult starts a change's result at the channel's position; when the
-// change's idempotency key was seen before, it is that change's result,
-// suppressed, and repeated reports it.
-func startResult(st *txState) (res centrifuge.MapUpdateResult, repeated bool) {
+// change's idempotency key (if any) was seen before, it is that change's
+// result, suppressed, and repeated reports it.
+func startResult(st *txState, idemKey string) (res centrifuge.MapUpdateResult, repeated bool) {
 	res = centrifuge.MapUpdateResult{Position: st.meta.streamPosition()}
-	if st.idem != nil {
-		res.Position = *st.idem
-		res.Suppressed, res.SuppressReason = true, centrifuge.SuppressReasonIdempotency
+	if sp := st.idems[idemKey]; idemKey != "" && sp != nil {
+		res.Position = *sp
+		suppress(&res, centrifuge.SuppressReasonIdempotency)
 		return res, true
 	}
 	return res, false
+}
+
+func suppress(res *centrifuge.MapUpdateResult, reason centrifuge.SuppressReason) {
+	res.Suppressed, res.SuppressReason = true, reason
 }
 
 // positionMismatch applies a change's compare-and-swap: when the key is not
@@ -672,7 +649,7 @@ func positionMismatch(res *centrifuge.MapUpdateResult, exp *centrifuge.StreamPos
 	if exists && offsetOf(rec.version) == exp.Offset && epoch == exp.Epoch {
 		return false, nil
 	}
-	res.Suppressed, res.SuppressReason = true, centrifuge.SuppressReasonPositionMismatch
+	suppress(res, centrifuge.SuppressReasonPositionMismatch)
 	if !exists {
 		return true, nil
 	}
