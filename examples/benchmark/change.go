@@ -3,13 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/pgstore/pgstore/internal/benchkit"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // changeWarmup samples are taken and thrown away before the measured ones.
@@ -19,16 +19,11 @@ const changeWarmup = 20
 // lost.
 const changeTimeout = 5 * time.Second
 
-// A changeSide writes one key, one version at a time, and hears each change.
+// A changeSide writes one key, one version at a time (sample i writes
+// version i), and hears each change.
 type changeSide struct {
-	name  string
-	heard chan time.Time // when the handler or listener got the change
-	write func(ctx context.Context, version int64) error
-	stop  func()
-
-	event []time.Duration // from the write's start to hearing it
-	wrote []time.Duration // from the write's start to its return
-	lost  int             // changes not heard within changeTimeout
+	*benchkit.Side
+	stop func()
 }
 
 // changeFigures measures figure 4: the time from calling Set (write interval
@@ -65,8 +60,8 @@ func changeFigures(ctx context.Context, e *env) error {
 			sides[0], sides[2] = raw, pg
 		}
 		for _, side := range sides {
-			err := labelled(ctx, figure, side.name, func(ctx context.Context) error {
-				return side.sample(ctx, int64(i+changeWarmup+1), i >= 0)
+			err := labelled(ctx, figure, side.Name, func(ctx context.Context) error {
+				return side.Sample(ctx, i+changeWarmup+1, i >= 0, changeTimeout)
 			})
 			if err != nil {
 				return err
@@ -74,62 +69,32 @@ func changeFigures(ctx context.Context, e *env) error {
 		}
 	}
 	for _, side := range []*changeSide{pg, pgLog, raw} {
-		if len(side.event) == 0 {
-			return fmt.Errorf("%s: none of %d changes heard", side.name, e.s.changes)
+		if len(side.Event) == 0 {
+			return fmt.Errorf("%s: none of %d changes heard", side.Name, e.s.changes)
 		}
-		if side.lost > 0 {
-			e.rep.note("change_*: %s lost %d of %d changes (not heard within %v)", side.name, side.lost, e.s.changes, changeTimeout)
+		if side.Lost > 0 {
+			e.rep.Note("change_*: %s lost %d of %d changes (not heard within %v)", side.Name, side.Lost, e.s.changes, changeTimeout)
 		}
 	}
-	pg50, pg99 := benchkit.Percentiles(pg.event)
-	raw50, raw99 := benchkit.Percentiles(raw.event)
-	pgWrite, _ := benchkit.Percentiles(pg.wrote)
-	rawWrite, _ := benchkit.Percentiles(raw.wrote)
+	pg50, pg99 := benchkit.Percentiles(pg.Event)
+	raw50, raw99 := benchkit.Percentiles(raw.Event)
+	pgWrite, _ := benchkit.Percentiles(pg.Wrote)
+	rawWrite, _ := benchkit.Percentiles(raw.Wrote)
 	progress("%s: pgstore p50 %v p99 %v (Set p50 %v); raw p50 %v p99 %v (upsert p50 %v)",
 		figure, pg50, pg99, pgWrite, raw50, raw99, rawWrite)
-	e.rep.set("change_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
-	e.rep.set("change_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
-	log50, log99 := benchkit.Percentiles(pgLog.event)
-	logWrite, _ := benchkit.Percentiles(pgLog.wrote)
+	e.rep.Set("change_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
+	e.rep.Set("change_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
+	log50, log99 := benchkit.Percentiles(pgLog.Event)
+	logWrite, _ := benchkit.Percentiles(pgLog.Wrote)
 	progress("%s: pgstore with the change log p50 %v p99 %v (Set p50 %v)", figure, log50, log99, logWrite)
-	e.rep.set("change_log_p50", benchkit.Micros(log50), benchkit.Micros(raw50))
-	e.rep.set("change_log_p99", benchkit.Micros(log99), benchkit.Micros(raw99))
-	e.rep.note("change_log_p50/p99: the same, with the change log on, the write through one connector and the subscription on another " +
+	e.rep.Set("change_log_p50", benchkit.Micros(log50), benchkit.Micros(raw50))
+	e.rep.Set("change_log_p99", benchkit.Micros(log99), benchkit.Micros(raw99))
+	e.rep.Note("change_log_p50/p99: the same, with the change log on, the write through one connector and the subscription on another " +
 		"(another node: woken by the NOTIFY sent after the commit, then reading the log)")
-	e.rep.note("change_p50/p99: %d updates of one key, one at a time, timed from the call of Set (write interval 0, feed on) to the subscriber's handler; "+
+	e.rep.Note("change_p50/p99: %d updates of one key, one at a time, timed from the call of Set (write interval 0, feed on) to the subscriber's handler; "+
 		"ceiling = autocommit single-row upsert into a table with a row-level AFTER trigger doing pg_notify(channel, NEW.id), "+
 		"heard by WaitForNotification on a dedicated pgx.Conn; the sides take turns sample by sample", e.s.changes)
-	e.rep.note("change_*: of which the write until it returned, p50: pgstore Set %.1f µs (%.1f µs with the change log), raw upsert %.1f µs", benchkit.Micros(pgWrite), benchkit.Micros(logWrite), benchkit.Micros(rawWrite))
-	return nil
-}
-
-// sample writes a version and waits until it is heard.
-func (s *changeSide) sample(ctx context.Context, version int64, keep bool) error {
-	// Drain what a late change of a lost sample left behind.
-	select {
-	case <-s.heard:
-	default:
-	}
-	start := time.Now()
-	if err := s.write(ctx, version); err != nil {
-		return fmt.Errorf("%s: %w", s.name, err)
-	}
-	wrote := time.Since(start)
-	timer := time.NewTimer(changeTimeout)
-	defer timer.Stop()
-	select {
-	case at := <-s.heard:
-		if keep {
-			s.event = append(s.event, at.Sub(start))
-			s.wrote = append(s.wrote, wrote)
-		}
-	case <-timer.C:
-		if keep {
-			s.lost++
-		}
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	e.rep.Note("change_*: of which the write until it returned, p50: pgstore Set %.1f µs (%.1f µs with the change log), raw upsert %.1f µs", benchkit.Micros(pgWrite), benchkit.Micros(logWrite), benchkit.Micros(rawWrite))
 	return nil
 }
 
@@ -159,21 +124,18 @@ func (e *env) pgstoreChangeSide(ctx context.Context, logged bool) (*changeSide, 
 		return nil, err
 	}
 	var want atomic.Int64
-	side := &changeSide{name: name, heard: make(chan time.Time, 1)}
+	side := &changeSide{Side: benchkit.NewSide(name)}
 	sub, err := listener.Subscribe(ctx, func(ev pgstore.Event) {
 		if (ev.Type == pgstore.Insert || ev.Type == pgstore.Update) && ev.ID == id && ev.Version == want.Load() {
-			at := time.Now()
-			select {
-			case side.heard <- at:
-			default:
-			}
+			side.Hear()
 		}
 	}, pgstore.ForTables(table))
 	if err != nil {
 		c.close()
 		return nil, fmt.Errorf("subscribe: %w", err)
 	}
-	side.write = func(ctx context.Context, version int64) error {
+	side.Write = func(ctx context.Context, i int) error {
+		version := int64(i)
 		want.Store(version)
 		return c.Set(ctx, table+"/"+id, version, val)
 	}
@@ -218,7 +180,7 @@ func (e *env) rawChangeSide(ctx context.Context) (*changeSide, error) {
 		listener.Close(context.Background())
 		return nil, err
 	}
-	side := &changeSide{name: "raw", heard: make(chan time.Time, 1)}
+	side := &changeSide{Side: benchkit.NewSide("raw")}
 	listenCtx, stopListening := context.WithCancel(ctx)
 	listening := make(chan struct{})
 	go func() {
@@ -229,17 +191,14 @@ func (e *env) rawChangeSide(ctx context.Context) (*changeSide, error) {
 				return
 			}
 			if n.Payload == "k" {
-				select {
-				case side.heard <- time.Now():
-				default:
-				}
+				side.Hear()
 			}
 		}
 	}()
 	upsert := "INSERT INTO " + table + " (id, version, val) VALUES ($1, $2, $3)" +
 		" ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
 	val := benchkit.AppendValue(nil, 0, 1, e.s.valueBytes)
-	side.write = func(ctx context.Context, version int64) error {
+	side.Write = func(ctx context.Context, version int) error {
 		_, err := writer.Exec(ctx, upsert, "k", version, val)
 		return err
 	}

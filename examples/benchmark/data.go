@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+
 	"github.com/pgstore/pgstore/internal/benchkit"
 )
 

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/pgstore/pgstore/internal/benchkit"
 	"runtime"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // logRetention is the retention of the log figures' connectors: long enough
@@ -157,8 +157,8 @@ func replayFigure(ctx context.Context, e *env) error {
 			return err
 		}
 	}
-	e.rep.set(figure, best["pgstore"], best["raw"])
-	e.rep.note("replay: a subscription started with After(cursor) %d entries behind the log's end (inserts of %d-byte values, written untimed with SetAsync at %.0f rec/s), "+
+	e.rep.Set(figure, best["pgstore"], best["raw"])
+	e.rep.Note("replay: a subscription started with After(cursor) %d entries behind the log's end (inserts of %d-byte values, written untimed with SetAsync at %.0f rec/s), "+
 		"timed from Subscribe until the handler (which does nothing) gets the last entry; "+
 		"ceiling = SELECT position, off, tbl, id, op, version, val FROM the log WHERE position > $1 ORDER BY position LIMIT 500, page after page on one connection, every column scanned",
 		n, e.s.valueBytes, float64(n)/fillTime.Seconds())
@@ -318,15 +318,15 @@ func fanoutFigure(ctx context.Context, e *env) error {
 		}
 	}
 	with16, with1, withRaw := best["16"], best["1"], best["16 raw"]
-	e.rep.set(figure, with16, with1)
-	e.rep.set("fanout_raw", with16, withRaw)
-	e.rep.note("fanout: %d fresh records through SetAsync from one goroutine, every Result waited on, on a schema with the change log, "+
+	e.rep.Set(figure, with16, with1)
+	e.rep.Set("fanout_raw", with16, withRaw)
+	e.rep.Note("fanout: %d fresh records through SetAsync from one goroutine, every Result waited on, on a schema with the change log, "+
 		"while %d other connectors (each on a pool of its own) follow the log with a subscription each; ceiling = the same with 1 subscribing connector. "+
 		"Every subscriber reads every entry itself (%d× the log's reads), and here the subscribers share the machine's %d CPUs with the writer and the server. "+
 		"The subscribers caught up %v (16), %v (1) and %v (16 raw) after the last write, last round; pgstore wrote %.0f, %.0f and %.0f records per flush",
 		e.s.records, fanoutSubscribers, fanoutSubscribers, runtime.NumCPU(), catchUp["16"].Round(time.Millisecond),
 		catchUp["1"].Round(time.Millisecond), catchUp["16 raw"].Round(time.Millisecond), flushSizes["16"], flushSizes["1"], flushSizes["16 raw"])
-	e.rep.note("fanout_raw: the same writes while %d raw readers follow the log instead, each on a pgx.Conn of its own: LISTEN on the log's channel, "+
+	e.rep.Note("fanout_raw: the same writes while %d raw readers follow the log instead, each on a pgx.Conn of its own: LISTEN on the log's channel, "+
 		"then SELECT … WHERE position > $1 ORDER BY position LIMIT 500 until a page comes back short. %.0f rec/s with them against %.0f with 1 subscribing connector: "+
 		"a ratio of %.2f for the best raw readers, the ceiling of the fanout figure on this machine",
 		fanoutSubscribers, withRaw, with1, withRaw/with1)
@@ -573,11 +573,11 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 	p50, p99 := benchkit.Percentiles(all)
 	progress("%s: delivery to %d subscribers p50 %v p99 %v (worst subscriber's p99 %v), %d of %d lost",
 		figure, len(subs), p50, p99, worst, lost, samples*len(subs))
-	e.rep.note("fanout: delivery latency from the call of Set (write interval 0) to each of the %d subscribing connectors' handlers, "+
+	e.rep.Note("fanout: delivery latency from the call of Set (write interval 0) to each of the %d subscribing connectors' handlers, "+
 		"one update of one key every %v, %d samples: p50 %.1f µs, p99 %.1f µs over all %d×%d deliveries (worst subscriber's p99 %.1f µs)",
 		len(subs), fanoutInterval, samples, benchkit.Micros(p50), benchkit.Micros(p99), len(subs), samples, benchkit.Micros(worst))
 	if lost > 0 || late != nil {
-		e.rep.note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
+		e.rep.Note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
 	}
 	return nil
 }

@@ -18,8 +18,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"runtime/pprof"
@@ -110,16 +108,16 @@ func run(ctx context.Context, s settings) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	rep := newReport()
+	rep := table.NewReport()
 	err := measure(ctx, s, rep)
-	rep.print(os.Stdout, s)
+	printReport(os.Stdout, rep, s)
 	return err
 }
 
 // env is what every figure works with.
 type env struct {
 	s      settings
-	rep    *report
+	rep    *benchkit.Report
 	raw    *pgxpool.Pool // the ceiling's pool, also used for setup and checks
 	schema string        // change feed on (pgstore's default)
 	// noFeed is the schema of the connectors with the change feed off; a
@@ -127,29 +125,20 @@ type env struct {
 	// other's tables in line with its own events.
 	noFeed string
 	// logged is the schema of the connectors with the change log on.
-	logged string
+	logged   string
+	poolSize int // of raw, pgxpool's default
 }
 
-func measure(ctx context.Context, s settings, rep *report) error {
-	raw, err := pgxpool.New(ctx, s.url)
+func measure(ctx context.Context, s settings, rep *benchkit.Report) error {
+	raw, server, err := benchkit.Open(ctx, s.url)
 	if err != nil {
 		return err
 	}
 	defer raw.Close()
-	if err := raw.Ping(ctx); err != nil {
-		return fmt.Errorf("connect: %w", err)
-	}
-	if err := raw.QueryRow(ctx, "SHOW server_version").Scan(&rep.server); err != nil {
-		return err
-	}
-	var b [4]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return err
-	}
-	name := "pgstore_bench_" + hex.EncodeToString(b[:])
-	e := &env{s: s, rep: rep, raw: raw, schema: name, noFeed: name + "_nofeed", logged: name + "_log"}
-	defer e.dropSchemas()
-	rep.poolSize = int(raw.Config().MaxConns)
+	rep.Server = server
+	name := benchkit.SchemaName("pgstore_bench_")
+	e := &env{s: s, rep: rep, raw: raw, schema: name, noFeed: name + "_nofeed", logged: name + "_log", poolSize: int(raw.Config().MaxConns)}
+	defer benchkit.DropSchemas(raw, "benchmark", e.schema, e.noFeed, e.logged)
 
 	var groups []figureGroup
 	for _, g := range figureGroups {
@@ -160,18 +149,6 @@ func measure(ctx context.Context, s settings, rep *report) error {
 	// RunSteps collects garbage after each group: one figure's must not
 	// weigh on the next.
 	return benchkit.RunSteps(ctx, e, groups, progress)
-}
-
-// dropSchemas runs when the run ends, however it ends: with a context of its
-// own, since the run's may be cancelled.
-func (e *env) dropSchemas() {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	for _, s := range []string{e.schema, e.noFeed, e.logged} {
-		if _, err := e.raw.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE"); err != nil {
-			fmt.Fprintf(os.Stderr, "benchmark: drop schema %q: %v\n", s, err)
-		}
-	}
 }
 
 // A store is a connector on a pool of its own, opened as Connect opens one,

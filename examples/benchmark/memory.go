@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/pgstore/pgstore/internal/benchkit"
 	"runtime"
 	"runtime/metrics"
 	"strconv"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // heapMetric is runtime.MemStats.HeapAlloc, read without stopping the world.
@@ -105,9 +105,9 @@ func memoryFigure(ctx context.Context, e *env) error {
 		return fmt.Errorf("table %q holds %d records, want %d", table, count, n)
 	}
 	const mb = 1 << 20
-	e.rep.set("peak_heap_mb", float64(peak)/mb, heapTargetMB)
+	e.rep.Set("peak_heap_mb", float64(peak)/mb, heapTargetMB)
 	progress("%s: peak heap %.1f MB (baseline %.1f MB), %.0f rec/s", figure, float64(peak)/mb, float64(baseline)/mb, rate)
-	e.rep.note("peak_heap_mb: largest HeapAlloc of the whole process (sampled every 10 ms) while %d records of %d bytes went through SetAsync "+
+	e.rep.Note("peak_heap_mb: largest HeapAlloc of the whole process (sampled every 10 ms) while %d records of %d bytes went through SetAsync "+
 		"with the default buffer limit (%d MB), only the last Result kept; heap before the run %.1f MB, throughput %.0f rec/s. "+
 		"The data itself is %.0f MB, so a raw/pgstore ratio would mean nothing: the raw column holds the %d MB target instead, "+
 		"and ratio = target/peak, ≥ 1 meaning within target (MB = 2^20 bytes)",

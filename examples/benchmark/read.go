@@ -4,12 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/pgstore/pgstore/internal/benchkit"
 	"math/rand/v2"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // getFigures measures figure 3: Get latency from one goroutine, and Get
@@ -86,17 +85,20 @@ func getFigures(ctx context.Context, e *env) error {
 	}
 	pg50, pg99 := benchkit.Percentiles(pgLat)
 	raw50, raw99 := benchkit.Percentiles(rawLat)
-	e.rep.set("get_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
-	e.rep.set("get_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
+	e.rep.Set("get_p50", benchkit.Micros(pg50), benchkit.Micros(raw50))
+	e.rep.Set("get_p99", benchkit.Micros(pg99), benchkit.Micros(raw99))
 	progress("%s latency: pgstore p50 %v p99 %v, raw p50 %v p99 %v", figure, pg50, pg99, raw50, raw99)
 
-	// Throughput: several goroutines, each side in turn.
+	// Throughput: several goroutines, each side in turn, over the sample.
+	overSample := func(get func(context.Context, int) error) func(context.Context, int) error {
+		return func(ctx context.Context, n int) error { return get(ctx, sample[n]) }
+	}
 	best := bestOf{}
 	for round := range e.s.rounds {
 		sides := []func() error{
 			func() error {
 				return labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
-					v, err := concurrently(ctx, e.s.goroutines, sample, pgGet)
+					v, err := benchkit.Concurrently(ctx, e.s.goroutines, len(sample), overSample(pgGet))
 					best.add("pgstore", v)
 					progress("%s concurrent round %d: pgstore %.0f get/s", figure, round+1, v)
 					return err
@@ -104,7 +106,7 @@ func getFigures(ctx context.Context, e *env) error {
 			},
 			func() error {
 				return labelled(ctx, figure, "raw", func(ctx context.Context) error {
-					v, err := concurrently(ctx, e.s.goroutines, sample, rawGet)
+					v, err := benchkit.Concurrently(ctx, e.s.goroutines, len(sample), overSample(rawGet))
 					best.add("raw", v)
 					progress("%s concurrent round %d: raw %.0f get/s", figure, round+1, v)
 					return err
@@ -115,36 +117,10 @@ func getFigures(ctx context.Context, e *env) error {
 			return err
 		}
 	}
-	e.rep.set("get_concurrent", best["pgstore"], best["raw"])
-	e.rep.note("get_p50/p99: %d Gets of random keys among %d records, one goroutine, pgstore and raw taking turns key by key; "+
+	e.rep.Set("get_concurrent", best["pgstore"], best["raw"])
+	e.rep.Note("get_p50/p99: %d Gets of random keys among %d records, one goroutine, pgstore and raw taking turns key by key; "+
 		"ceiling = SELECT version, val FROM t WHERE id = $1 on a pgxpool (pool size %d, like pgstore's own pool)",
-		len(sample), len(keys), e.rep.poolSize)
-	e.rep.note("get_concurrent: the same %d Gets from %d goroutines, both sides on pools of %d connections", len(sample), e.s.goroutines, e.rep.poolSize)
+		len(sample), len(keys), e.poolSize)
+	e.rep.Note("get_concurrent: the same %d Gets from %d goroutines, both sides on pools of %d connections", len(sample), e.s.goroutines, e.poolSize)
 	return nil
-}
-
-// concurrently runs get over the sample from g goroutines, each taking every
-// g-th key, and returns the gets per second.
-func concurrently(ctx context.Context, g int, sample []int, get func(context.Context, int) error) (float64, error) {
-	var wg sync.WaitGroup
-	errs := make([]error, g)
-	start := time.Now()
-	for w := range g {
-		wg.Go(func() {
-			for n := w; n < len(sample); n += g {
-				if err := get(ctx, sample[n]); err != nil {
-					errs[w] = err
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	for _, err := range errs {
-		if err != nil {
-			return 0, err
-		}
-	}
-	return float64(len(sample)) / elapsed.Seconds(), nil
 }

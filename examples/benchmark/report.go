@@ -44,41 +44,12 @@ var table = benchkit.Table{
 	},
 }
 
-type value struct {
-	pgstore, raw *float64
-}
-
-type report struct {
-	server   string
-	poolSize int
-	values   map[string]value
-	notes    []string
-}
-
-func newReport() *report { return &report{values: make(map[string]value)} }
-
-// set records a figure; a NaN leaves that side unmeasured.
-func (r *report) set(key string, pgstore, raw float64) {
-	if !table.Has(key) {
-		panic("unknown figure " + key)
-	}
-	r.values[key] = value{benchkit.Measured(pgstore), benchkit.Measured(raw)}
-}
-
-func (r *report) note(format string, args ...any) {
-	r.notes = append(r.notes, fmt.Sprintf(format, args...))
-}
-
-func (r *report) print(w io.Writer, s settings) {
+func printReport(w io.Writer, rep *benchkit.Report, s settings) {
 	mode := "full"
 	if s.quick {
 		mode = "quick"
 	}
 	fmt.Fprintf(w, "\npgstore benchmark (%s run): PostgreSQL %s, GOMAXPROCS %d, %d-byte values, throughputs best of %d round(s)\n\n",
-		mode, r.server, runtime.GOMAXPROCS(0), s.valueBytes, s.rounds)
-	values := make(map[string]benchkit.Value, len(r.values))
-	for k, v := range r.values {
-		values[k] = benchkit.Value{Measured: v.pgstore, Ceiling: v.raw}
-	}
-	table.Write(w, values, r.notes)
+		mode, rep.Server, runtime.GOMAXPROCS(0), s.valueBytes, s.rounds)
+	rep.Write(w)
 }

@@ -223,13 +223,13 @@ func writeFigures(ctx context.Context, e *env) error {
 		}
 	}
 	for _, phase := range []string{"fresh", "update"} {
-		logged, fed := e.rep.values["write_"+phase+"_log"], e.rep.values["write_"+phase+"_feed"]
-		if logged.pgstore != nil && fed.pgstore != nil {
-			e.rep.note("write_%s_log: the cost of durability, pgstore with the change log / pgstore with the NOTIFY feed = %.3f",
-				phase, *logged.pgstore / *fed.pgstore)
+		logged, fed := e.rep.Value("write_"+phase+"_log"), e.rep.Value("write_"+phase+"_feed")
+		if logged.Measured != nil && fed.Measured != nil {
+			e.rep.Note("write_%s_log: the cost of durability, pgstore with the change log / pgstore with the NOTIFY feed = %.3f",
+				phase, *logged.Measured / *fed.Measured)
 		}
 	}
-	e.rep.note("write_*: %d records of %d bytes through SetAsync from one goroutine with default options, every Result waited on; "+
+	e.rep.Note("write_*: %d records of %d bytes through SetAsync from one goroutine with default options, every Result waited on; "+
 		"ceiling = the faster of COPY into a temp staging table (ON COMMIT DELETE ROWS) + INSERT … SELECT … ON CONFLICT DO UPDATE in one explicit transaction, and INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE in one implicit one, "+
 		"in batches of %d (pgstore.DefaultMaxBatchSize), one batch per transaction, one at a time on one connection (pgstore flushes on one connection at a time), "+
 		"into a table pgstore created in the same schema (same triggers; none with the feed off)",
@@ -291,8 +291,8 @@ func (e *env) writeFigure(ctx context.Context, d *dataset, feed string) error {
 	for _, ph := range phases {
 		b := best[ph.name]
 		ceiling, tech := b.ceiling()
-		e.rep.set("write_"+ph.name+"_"+feed, b["pgstore"], ceiling)
-		e.rep.note("write_%s_%s: ceiling %s (unnest %.0f rec/s, copy %.0f rec/s); pgstore wrote %.0f records per flush",
+		e.rep.Set("write_"+ph.name+"_"+feed, b["pgstore"], ceiling)
+		e.rep.Note("write_%s_%s: ceiling %s (unnest %.0f rec/s, copy %.0f rec/s); pgstore wrote %.0f records per flush",
 			ph.name, feed, tech, b["unnest"], b["copy"], flushSizes[ph.name])
 	}
 	return nil
@@ -396,8 +396,8 @@ func concurrentFigure(ctx context.Context, e *env) error {
 			return err
 		}
 	}
-	e.rep.set(figure, best["pgstore"], best["raw"])
-	e.rep.note("write_concurrent: %d fresh records written by %d goroutines calling Set, each call waiting until its write is durable (feed on); "+
+	e.rep.Set(figure, best["pgstore"], best["raw"])
+	e.rep.Note("write_concurrent: %d fresh records written by %d goroutines calling Set, each call waiting until its write is durable (feed on); "+
 		"ceiling = the same work raw: %d goroutines, each on a connection of its own, each upserting one row at a time in autocommit. "+
 		"pgstore wrote %.1f records per flush, on one connection",
 		len(keys), e.s.goroutines, e.s.goroutines, flushSize)

@@ -16,9 +16,7 @@ const healthTimeout = time.Second
 // serveHealth answers 200 "ok" when the node can serve its clients, and 503
 // with the reasons, one a line, when it cannot.
 func (s *Server) serveHealth(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		w.Header().Set("Allow", "GET, HEAD")
-		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	if !getOrHead(w, r) {
 		return
 	}
 	h := w.Header()

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
@@ -319,4 +321,20 @@ func stored(t testing.TB, n *node, schema, table, id string) (version int64, val
 		t.Fatal(err)
 	}
 	return version, value, found
+}
+
+// httpGet gets url and returns the response with its whole body, read and
+// closed.
+func httpGet(t testing.TB, url string) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, body
 }

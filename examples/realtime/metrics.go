@@ -66,6 +66,17 @@ func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
 }
 
+// metricSenders returns functions that send a gauge's and a counter's value
+// on ch, as a collector's Collect does.
+func metricSenders(ch chan<- prometheus.Metric) (gauge, counter func(d *prometheus.Desc, v float64, labels ...string)) {
+	send := func(t prometheus.ValueType) func(*prometheus.Desc, float64, ...string) {
+		return func(d *prometheus.Desc, v float64, labels ...string) {
+			ch <- prometheus.MustNewConstMetric(d, t, v, labels...)
+		}
+	}
+	return send(prometheus.GaugeValue), send(prometheus.CounterValue)
+}
+
 // The series of a pgstore connector, from its Stats. Lags are gauges over
 // the subscriptions that follow a log, summed (entries) and at their worst
 // (entries and time): Stats gives subscriptions no name to label them by,
@@ -109,12 +120,7 @@ func (c storeCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c storeCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.src.Stats()
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
-	}
+	gauge, counter := metricSenders(ch)
 	gauge(descBufferedWrites, float64(st.BufferedWrites))
 	gauge(descBufferedBytes, float64(st.BufferedBytes))
 	counter(descFlushes, float64(st.Flushes))
@@ -183,12 +189,13 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	s.mu.Lock()
 	clients := len(s.clients)
 	s.mu.Unlock()
-	ch <- prometheus.MustNewConstMetric(descClients, prometheus.GaugeValue, float64(clients))
-	ch <- prometheus.MustNewConstMetric(descClientSubs, prometheus.GaugeValue, float64(st.keySubs.Load()), "key")
-	ch <- prometheus.MustNewConstMetric(descClientSubs, prometheus.GaugeValue, float64(st.tableSubs.Load()), "table")
-	ch <- prometheus.MustNewConstMetric(descReceived, prometheus.CounterValue, float64(st.received.Load()))
-	ch <- prometheus.MustNewConstMetric(descSent, prometheus.CounterValue, float64(st.sent.Load()))
+	gauge, counter := metricSenders(ch)
+	gauge(descClients, float64(clients))
+	gauge(descClientSubs, float64(st.keySubs.Load()), "key")
+	gauge(descClientSubs, float64(st.tableSubs.Load()), "table")
+	counter(descReceived, float64(st.received.Load()))
+	counter(descSent, float64(st.sent.Load()))
 	for _, code := range errorCodes {
-		ch <- prometheus.MustNewConstMetric(descErrorsSent, prometheus.CounterValue, float64(st.errors[code].Load()), code)
+		counter(descErrorsSent, float64(st.errors[code].Load()), code)
 	}
 }

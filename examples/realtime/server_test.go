@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -292,15 +291,7 @@ func TestBadMessages(t *testing.T) {
 func TestPage(t *testing.T) {
 	t.Parallel()
 	n := startNode(t, pgtest.Schema(t))
-	resp, err := http.Get(n.url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp, body := httpGet(t, n.url)
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") || string(body) != string(indexHTML) {
 		t.Fatalf("GET / = %d %q, %d bytes", resp.StatusCode, resp.Header.Get("Content-Type"), len(body))
 	}
@@ -310,12 +301,7 @@ func TestPage(t *testing.T) {
 			t.Errorf("page holds %q", s)
 		}
 	}
-	resp, err = http.Get(n.http.URL + "/nothing")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusNotFound {
+	if resp, _ = httpGet(t, n.http.URL+"/nothing"); resp.StatusCode != http.StatusNotFound {
 		t.Errorf("GET /nothing = %d", resp.StatusCode)
 	}
 }

@@ -180,3 +180,36 @@ func (t Table) JSON(values map[string]Value) string {
 	b.WriteByte('}')
 	return b.String()
 }
+
+// A Report collects the figures and notes of a run, for its table.
+type Report struct {
+	Server string // the server's version
+	table  Table
+	values map[string]Value
+	notes  []string
+}
+
+// NewReport returns an empty report of the table's figures.
+func (t Table) NewReport() *Report {
+	return &Report{table: t, values: make(map[string]Value)}
+}
+
+// Set records a figure; a NaN leaves that side unmeasured. A key that is
+// not the table's is a bug: Set panics.
+func (r *Report) Set(key string, measured, ceiling float64) {
+	if !r.table.Has(key) {
+		panic("unknown figure " + key)
+	}
+	r.values[key] = Value{Measured: Measured(measured), Ceiling: Measured(ceiling)}
+}
+
+// Note adds a note, shown under the table.
+func (r *Report) Note(format string, args ...any) {
+	r.notes = append(r.notes, fmt.Sprintf(format, args...))
+}
+
+// Write writes the table of the report (see Table.Write).
+func (r *Report) Write(w io.Writer) { r.table.Write(w, r.values, r.notes) }
+
+// Value returns what Set recorded for key, or the zero Value.
+func (r *Report) Value(key string) Value { return r.values[key] }

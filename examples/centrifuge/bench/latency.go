@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/pgstore/pgstore/internal/benchkit"
 	"math"
 	"sync/atomic"
 	"time"
@@ -11,6 +10,7 @@ import (
 	"github.com/centrifugal/centrifuge"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // latencyWarmup samples are taken and thrown away before the measured ones.
@@ -19,17 +19,6 @@ const latencyWarmup = 20
 // latencyTimeout is how long a sample waits for its delivery before it
 // counts as lost.
 const latencyTimeout = 5 * time.Second
-
-// A latencySide publishes one key, one publication at a time, and hears
-// each.
-type latencySide struct {
-	name  string
-	heard chan time.Time // when the handler got the publication
-	write func(ctx context.Context, i int) error
-
-	event []time.Duration // from the call's start to the handler
-	lost  int             // publications not heard within latencyTimeout
-}
 
 // latencyFigures measures the time from a Publish call to the node's
 // BrokerEventHandler: through the pgstore broker to its own node's handler
@@ -56,8 +45,8 @@ func latencyFigures(ctx context.Context, e *env) error {
 	}
 	defer mem.Close(context.Background())
 	data := func(i int) []byte { return benchkit.AppendValue(nil, i, 1, e.s.valueBytes) }
-	publishSide := func(name string, broker centrifuge.MapBroker, ch string, h *handler) *latencySide {
-		return &latencySide{name: name, heard: h.heard, write: func(ctx context.Context, i int) error {
+	publishSide := func(name string, broker centrifuge.MapBroker, ch string, h *handler) *benchkit.Side {
+		return &benchkit.Side{Name: name, Heard: h.heard, Write: func(ctx context.Context, i int) error {
 			d := data(i)
 			w := string(d)
 			h.want.Store(&w)
@@ -74,39 +63,39 @@ func latencyFigures(ctx context.Context, e *env) error {
 	}
 	defer stopSet()
 
-	sides := []*latencySide{own, other, memory, set}
+	sides := []*benchkit.Side{own, other, memory, set}
 	for i := -latencyWarmup; i < e.s.samples; i++ {
 		for j := range sides {
 			side := sides[(j+i+latencyWarmup)%len(sides)]
-			if err := side.sample(ctx, i+latencyWarmup, i >= 0); err != nil {
+			if err := side.Sample(ctx, i+latencyWarmup, i >= 0, latencyTimeout); err != nil {
 				return err
 			}
 		}
 	}
 	for _, side := range sides {
-		if len(side.event) == 0 {
-			return fmt.Errorf("%s: none of %d publications heard", side.name, e.s.samples)
+		if len(side.Event) == 0 {
+			return fmt.Errorf("%s: none of %d publications heard", side.Name, e.s.samples)
 		}
-		if side.lost > 0 {
-			e.rep.note("latency: %s lost %d of %d publications (not heard within %v)", side.name, side.lost, e.s.samples, latencyTimeout)
+		if side.Lost > 0 {
+			e.rep.Note("latency: %s lost %d of %d publications (not heard within %v)", side.Name, side.Lost, e.s.samples, latencyTimeout)
 		}
 	}
-	own50, own99 := benchkit.Percentiles(own.event)
-	other50, other99 := benchkit.Percentiles(other.event)
-	mem50, mem99 := benchkit.Percentiles(memory.event)
-	set50, set99 := benchkit.Percentiles(set.event)
+	own50, own99 := benchkit.Percentiles(own.Event)
+	other50, other99 := benchkit.Percentiles(other.Event)
+	mem50, mem99 := benchkit.Percentiles(memory.Event)
+	set50, set99 := benchkit.Percentiles(set.Event)
 	progress("latency: pgstore broker p50 %v p99 %v; other node p50 %v p99 %v; memory broker p50 %v p99 %v; pgstore Set→handler p50 %v p99 %v",
 		own50, own99, other50, other99, mem50, mem99, set50, set99)
 	bound50, bound99 := 2*benchkit.Micros(set50+mem50), 2*benchkit.Micros(set99+mem99)
-	e.rep.set("latency_p50", benchkit.Micros(own50), bound50)
-	e.rep.set("latency_p99", benchkit.Micros(own99), bound99)
-	e.rep.set("latency_other_node_p50", benchkit.Micros(other50), bound50)
-	e.rep.set("latency_other_node_p99", benchkit.Micros(other99), bound99)
-	e.rep.set("set_latency_p50", math.NaN(), benchkit.Micros(set50))
-	e.rep.set("set_latency_p99", math.NaN(), benchkit.Micros(set99))
-	e.rep.set("memory_latency_p50", math.NaN(), benchkit.Micros(mem50))
-	e.rep.set("memory_latency_p99", math.NaN(), benchkit.Micros(mem99))
-	e.rep.note("latency: %d publications of one key, one at a time, timed from the call of Publish to the BrokerEventHandler of the benchmark's "+
+	e.rep.Set("latency_p50", benchkit.Micros(own50), bound50)
+	e.rep.Set("latency_p99", benchkit.Micros(own99), bound99)
+	e.rep.Set("latency_other_node_p50", benchkit.Micros(other50), bound50)
+	e.rep.Set("latency_other_node_p99", benchkit.Micros(other99), bound99)
+	e.rep.Set("set_latency_p50", math.NaN(), benchkit.Micros(set50))
+	e.rep.Set("set_latency_p99", math.NaN(), benchkit.Micros(set99))
+	e.rep.Set("memory_latency_p50", math.NaN(), benchkit.Micros(mem50))
+	e.rep.Set("memory_latency_p99", math.NaN(), benchkit.Micros(mem99))
+	e.rep.Note("latency: %d publications of one key, one at a time, timed from the call of Publish to the BrokerEventHandler of the benchmark's "+
 		"(registered on the broker directly, no centrifuge.Node running, no client): the pgstore broker's own node, another node "+
 		"(a broker on a store and pool of its own, on the same schema), and centrifuge's memory map broker (which calls the handler inside Publish). "+
 		"Ceiling = 2 × (pgstore's Set → a subscription's handler on another connector, change log on + the memory broker's latency), "+
@@ -117,7 +106,7 @@ func latencyFigures(ctx context.Context, e *env) error {
 // setSide updates one key with pgstore's Set on one connector and hears
 // each version in a subscription on another, as examples/benchmark's
 // change_log figure.
-func (e *env) setSide(ctx context.Context) (*latencySide, func(), error) {
+func (e *env) setSide(ctx context.Context) (*benchkit.Side, func(), error) {
 	const table, id = "lat", "k"
 	writer, err := e.connect(ctx, e.setSchema)
 	if err != nil {
@@ -138,21 +127,17 @@ func (e *env) setSide(ctx context.Context) (*latencySide, func(), error) {
 		return nil, nil, err
 	}
 	var want atomic.Int64
-	side := &latencySide{name: "pgstore Set", heard: make(chan time.Time, 1)}
+	side := benchkit.NewSide("pgstore Set")
 	sub, err := listener.Subscribe(ctx, func(ev pgstore.Event) {
 		if (ev.Type == pgstore.Insert || ev.Type == pgstore.Update) && ev.ID == id && ev.Version == want.Load() {
-			at := time.Now()
-			select {
-			case side.heard <- at:
-			default:
-			}
+			side.Hear()
 		}
 	}, pgstore.ForTables(table))
 	if err != nil {
 		stop()
 		return nil, nil, fmt.Errorf("subscribe: %w", err)
 	}
-	side.write = func(ctx context.Context, i int) error {
+	side.Write = func(ctx context.Context, i int) error {
 		v := int64(i + 1)
 		want.Store(v)
 		return writer.Set(ctx, table+"/"+id, v, benchkit.AppendValue(nil, i, v, e.s.valueBytes))
@@ -161,32 +146,4 @@ func (e *env) setSide(ctx context.Context) (*latencySide, func(), error) {
 		sub.Close(context.Background())
 		stop()
 	}, nil
-}
-
-// sample publishes publication i and waits until it is heard.
-func (s *latencySide) sample(ctx context.Context, i int, keep bool) error {
-	// Drain what a late delivery of a lost sample left behind.
-	select {
-	case <-s.heard:
-	default:
-	}
-	start := time.Now()
-	if err := s.write(ctx, i); err != nil {
-		return fmt.Errorf("%s: %w", s.name, err)
-	}
-	timer := time.NewTimer(latencyTimeout)
-	defer timer.Stop()
-	select {
-	case at := <-s.heard:
-		if keep {
-			s.event = append(s.event, at.Sub(start))
-		}
-	case <-timer.C:
-		if keep {
-			s.lost++
-		}
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	return nil
 }

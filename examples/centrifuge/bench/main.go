@@ -20,8 +20,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"os"
@@ -66,58 +64,37 @@ func main() {
 }
 
 func run(ctx context.Context, s settings) error {
-	rep := newReport()
+	rep := table.NewReport()
 	err := measure(ctx, s, rep)
-	rep.print(os.Stdout, s)
+	printReport(os.Stdout, rep, s)
 	return err
 }
 
 // env is what every figure works with.
 type env struct {
 	s   settings
-	rep *report
+	rep *benchkit.Report
 	raw *pgxpool.Pool // setup and checks
 	// brokerSchema holds the pgstore broker's channels, setSchema the
 	// tables of the Set reference: a change log (and its lock) each.
 	brokerSchema, setSchema string
 }
 
-func measure(ctx context.Context, s settings, rep *report) error {
-	raw, err := pgxpool.New(ctx, s.url)
+func measure(ctx context.Context, s settings, rep *benchkit.Report) error {
+	raw, server, err := benchkit.Open(ctx, s.url)
 	if err != nil {
 		return err
 	}
 	defer raw.Close()
-	if err := raw.Ping(ctx); err != nil {
-		return fmt.Errorf("connect: %w", err)
-	}
-	if err := raw.QueryRow(ctx, "SHOW server_version").Scan(&rep.server); err != nil {
-		return err
-	}
-	var b [4]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return err
-	}
-	name := "pgstore_cfbench_" + hex.EncodeToString(b[:])
+	rep.Server = server
+	name := benchkit.SchemaName("pgstore_cfbench_")
 	e := &env{s: s, rep: rep, raw: raw, brokerSchema: name + "_broker", setSchema: name + "_set"}
-	defer e.dropSchemas()
+	defer benchkit.DropSchemas(raw, "bench", e.brokerSchema, e.setSchema)
 
 	return benchkit.RunSteps(ctx, e, []benchkit.Step[*env]{
 		{Name: "publish", Run: publishFigures},
 		{Name: "latency", Run: latencyFigures},
 	}, progress)
-}
-
-// dropSchemas runs when the run ends, however it ends: with a context of its
-// own, since the run's may be cancelled.
-func (e *env) dropSchemas() {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	for _, s := range []string{e.brokerSchema, e.setSchema} {
-		if _, err := e.raw.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE"); err != nil {
-			fmt.Fprintf(os.Stderr, "bench: drop schema %q: %v\n", s, err)
-		}
-	}
 }
 
 // channelOptions are every channel's: persistent, with the command's default

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"github.com/pgstore/pgstore/internal/benchkit"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/centrifugal/centrifuge"
@@ -58,7 +57,7 @@ func publishFigures(ctx context.Context, e *env) error {
 				if _, err := pg.broker.Publish(ctx, ch, "warmup", centrifuge.MapPublishOptions{Data: data[0]}); err != nil {
 					return fmt.Errorf("pgstore broker: %w", err)
 				}
-				v, err := concurrently(ctx, g, n, func(ctx context.Context, i int) error {
+				v, err := benchkit.Concurrently(ctx, g, n, func(ctx context.Context, i int) error {
 					_, err := pg.broker.Publish(ctx, ch, key(g, i), centrifuge.MapPublishOptions{Data: data[i]})
 					return err
 				})
@@ -73,7 +72,7 @@ func publishFigures(ctx context.Context, e *env) error {
 				if _, err := mem.Publish(ctx, ch, "warmup", centrifuge.MapPublishOptions{Data: data[0]}); err != nil {
 					return fmt.Errorf("memory broker: %w", err)
 				}
-				v, err := concurrently(ctx, g, n, func(ctx context.Context, i int) error {
+				v, err := benchkit.Concurrently(ctx, g, n, func(ctx context.Context, i int) error {
 					_, err := mem.Publish(ctx, ch, key(g, i), centrifuge.MapPublishOptions{Data: data[i]})
 					return err
 				})
@@ -88,7 +87,7 @@ func publishFigures(ctx context.Context, e *env) error {
 				if err := set.Set(ctx, ch+"/warmup", 1, data[0]); err != nil {
 					return fmt.Errorf("pgstore Set: %w", err)
 				}
-				v, err := concurrently(ctx, g, n, func(ctx context.Context, i int) error {
+				v, err := benchkit.Concurrently(ctx, g, n, func(ctx context.Context, i int) error {
 					return set.Set(ctx, ch+"/"+key(g, i), 1, data[i])
 				})
 				if err != nil {
@@ -115,9 +114,9 @@ func publishFigures(ctx context.Context, e *env) error {
 			}
 		}
 	}
-	e.rep.set("publish", best["broker"], best["set"])
-	e.rep.set("publish_memory", best["broker"], best["memory"])
-	e.rep.note("publish: %d publications of fresh keys of one channel by %d goroutines, each waiting for its Publish to return "+
+	e.rep.Set("publish", best["broker"], best["set"])
+	e.rep.Set("publish_memory", best["broker"], best["memory"])
+	e.rep.Note("publish: %d publications of fresh keys of one channel by %d goroutines, each waiting for its Publish to return "+
 		"(MapModePersistent, StreamSize 10000); the pgstore broker's node subscribes to the channel, and every publication is checked "+
 		"to reach its handler and the channel's state after the round. Ceiling = pgstore's Set of the same keys and data, %d goroutines, "+
 		"each call waiting until its write is durable, change log on, in a schema of its own; and centrifuge's memory map broker on one node. "+
@@ -128,36 +127,6 @@ func publishFigures(ctx context.Context, e *env) error {
 // key is publisher i%g's key of publication i: distinct for every i.
 func key(g, i int) string {
 	return "p" + strconv.Itoa(i%g) + "-k" + strconv.Itoa(i)
-}
-
-// concurrently runs f for 0..n-1 from g goroutines, goroutine w taking
-// every g-th i from w, and returns the calls per second. The first error
-// stops the others.
-func concurrently(ctx context.Context, g, n int, f func(context.Context, int) error) (float64, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var wg sync.WaitGroup
-	errs := make([]error, g)
-	start := time.Now()
-	for w := range g {
-		wg.Go(func() {
-			for i := w; i < n; i += g {
-				if err := f(ctx, i); err != nil {
-					errs[w] = fmt.Errorf("publication %d: %w", i, err)
-					cancel()
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	for _, err := range errs {
-		if err != nil {
-			return 0, err
-		}
-	}
-	return float64(n) / elapsed.Seconds(), nil
 }
 
 // checkBroker checks that the channel holds want keys and that its node's

@@ -34,32 +34,12 @@ var table = benchkit.Table{
 	},
 }
 
-type report struct {
-	server string
-	values map[string]benchkit.Value // Measured: the broker's
-	notes  []string
-}
-
-func newReport() *report { return &report{values: make(map[string]benchkit.Value)} }
-
-// set records a figure; a NaN leaves that side unmeasured.
-func (r *report) set(key string, broker, ceiling float64) {
-	if !table.Has(key) {
-		panic("unknown figure " + key)
-	}
-	r.values[key] = benchkit.Value{Measured: benchkit.Measured(broker), Ceiling: benchkit.Measured(ceiling)}
-}
-
-func (r *report) note(format string, args ...any) {
-	r.notes = append(r.notes, fmt.Sprintf(format, args...))
-}
-
-func (r *report) print(w io.Writer, s settings) {
+func printReport(w io.Writer, rep *benchkit.Report, s settings) {
 	mode := "full"
 	if s.quick {
 		mode = "quick"
 	}
 	fmt.Fprintf(w, "\npgstore map broker benchmark (%s run): PostgreSQL %s, GOMAXPROCS %d, %d-byte data, %d publishers, throughputs best of %d round(s)\n\n",
-		mode, r.server, runtime.GOMAXPROCS(0), s.valueBytes, s.goroutines, s.rounds)
-	table.Write(w, r.values, r.notes)
+		mode, rep.Server, runtime.GOMAXPROCS(0), s.valueBytes, s.goroutines, s.rounds)
+	rep.Write(w)
 }
