@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore/examples/centrifuge/internal/cftest"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // waitTimeout bounds every wait of a test: reaching it fails the test. It is
@@ -24,7 +25,7 @@ import (
 const waitTimeout = 30 * time.Second
 
 // testURL is cftest's, under the name the tests use.
-var testURL = cftest.URL
+var testURL = pgtest.URL
 
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {

@@ -14,10 +14,11 @@ import (
 
 	"github.com/pgstore/pgstore"
 	"github.com/pgstore/pgstore/examples/centrifuge/internal/cftest"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // testURL is cftest's, under the name the tests use.
-var testURL = cftest.URL
+var testURL = pgtest.URL
 
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {

@@ -1,11 +1,8 @@
 // Package cftest holds the test scaffolding that the centrifuge example's
-// packages (the command and mapbroker) share: finding the PostgreSQL server,
-// a schema of each test's own, and TestMain's sweep and leak check.
-//
-// It is not the module root's internal/pgtest, although that one's path is
-// importable from here: pgtest falls back to a testcontainers server, which
-// would pull testcontainers-go and Docker's client into this module, and
-// these tests only ever use a server that is already running.
+// packages (the command and mapbroker) share: a schema of each test's own,
+// and TestMain's sweep and leak check. The server is the module root's
+// (internal/pgtest): PGSTORE_TEST_DATABASE_URL, the local default, or a
+// container where Docker runs.
 package cftest
 
 import (
@@ -20,14 +17,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
-)
 
-// The test server: PGSTORE_TEST_DATABASE_URL, else the local default, as for
-// the module root's tests. The tests that need one are skipped without it,
-// and fail under CI=true.
-const (
-	EnvURL   = "PGSTORE_TEST_DATABASE_URL"
-	LocalURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // SkipOrFail skips the test for want of something it needs, or fails it
@@ -40,37 +31,6 @@ func SkipOrFail(t testing.TB, msg string) {
 	t.Skip(msg)
 }
 
-var (
-	serverOnce sync.Once
-	serverURL  string
-	serverErr  error
-)
-
-// URL returns the test server's connection string, or skips the test (fails
-// it under CI=true) when no server answers. The server is looked for once a
-// process, so that a missing one costs one timeout, not one per test.
-func URL(t testing.TB) string {
-	t.Helper()
-	serverOnce.Do(func() {
-		serverURL = os.Getenv(EnvURL)
-		if serverURL == "" {
-			serverURL = LocalURL
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, serverURL)
-		if err != nil {
-			serverErr = fmt.Errorf("no PostgreSQL for the tests at %s (set %s to another): %w", serverURL, EnvURL, err)
-			return
-		}
-		serverErr = conn.Close(ctx)
-	})
-	if serverErr != nil {
-		SkipOrFail(t, serverErr.Error())
-	}
-	return serverURL
-}
-
 // schemas are the schemas this process named, by name, with the URL of
 // their server: dropped by their tests' cleanups, and looked for once more
 // by Main, since a test that failed before its cleanup ran may leave one.
@@ -81,7 +41,7 @@ var schemas sync.Map
 // not created: the code under test does that.
 func Schema(t testing.TB, prefix string) string {
 	t.Helper()
-	url := URL(t)
+	url := pgtest.URL(t)
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	schema := prefix + hex.EncodeToString(b[:])
