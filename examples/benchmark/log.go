@@ -77,6 +77,10 @@ func replayFigure(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
+	logBefore, err := e.logDiskBytes(ctx)
+	if err != nil {
+		return err
+	}
 	progress("%s: filling the log with %d entries", figure, n)
 	fillStart := time.Now()
 	err = labelled(ctx, figure, "pgstore", func(ctx context.Context) error {
@@ -114,6 +118,18 @@ func replayFigure(ctx context.Context, e *env) error {
 	}
 	progress("%s: filled in %v (%.0f rec/s); the log runs from %d to %d", figure, fillTime.Round(time.Millisecond),
 		float64(n)/fillTime.Seconds(), from, to)
+	logAfter, err := e.logDiskBytes(ctx)
+	if err != nil {
+		return err
+	}
+	var tableBytes int64
+	if err := e.raw.QueryRow(ctx, "SELECT pg_total_relation_size($1::regclass)", ident(e.logged, table)).Scan(&tableBytes); err != nil {
+		return err
+	}
+	perMillion := func(b int64) float64 { return float64(b) / float64(n) * 1e6 / (1 << 20) }
+	e.rep.Note("log_disk: the %d inserts of the replay figure (%d-byte values) grew the change log on disk by %.0f MB, %.0f MB per million changes (heap, index and TOAST); "+
+		"the record table holding them takes %.0f MB, %.0f MB per million (MB = 2^20 bytes)",
+		n, e.s.valueBytes, float64(logAfter-logBefore)/(1<<20), perMillion(logAfter-logBefore), float64(tableBytes)/(1<<20), perMillion(tableBytes))
 
 	// Open the connector's listening connection, and read the entries once
 	// untimed, so that neither side reads them first from a cold cache.
@@ -580,6 +596,15 @@ func (e *env) fanoutLatency(ctx context.Context, c *store, subs []*store) error 
 		e.rep.Note("fanout: %d of %d deliveries not heard within %v of the last Set", lost, samples*len(subs), changeTimeout)
 	}
 	return nil
+}
+
+// logDiskBytes is the size on disk of the logged schema's change log: its
+// partitions with their indexes and TOAST.
+func (e *env) logDiskBytes(ctx context.Context) (int64, error) {
+	var b int64
+	err := e.raw.QueryRow(ctx, `SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c
+		JOIN pg_inherits i ON i.inhrelid = c.oid WHERE i.inhparent = $1::regclass`, ident(e.logged, "pgstore/log_entries")).Scan(&b)
+	return b, err
 }
 
 // rawPageSQL is the raw ceiling's read of the log: a page of every column
