@@ -86,7 +86,11 @@ func (c *client) writeLoop() {
 	for {
 		select {
 		case msg := <-c.out:
-			ctx, cancel := context.WithTimeout(c.ctx, writeTimeout)
+			// Bounded by the server's life, not the connection's: a
+			// client cut off for being too slow still gets the message
+			// being written whole, and then its close status. A write cut
+			// short would end the connection mid-frame.
+			ctx, cancel := context.WithTimeout(c.s.ctx, writeTimeout)
 			err := c.conn.Write(ctx, websocket.MessageText, msg)
 			cancel()
 			if err != nil {
