@@ -93,7 +93,7 @@ func createLogSQL(schema string, retention time.Duration) []string {
 	for p := range logParts {
 		stmts = append(stmts, fmt.Sprintf("CREATE TABLE %s PARTITION OF %s FOR VALUES IN (%d)", logPart(schema, p), entries, p))
 	}
-	stmts = append(stmts, "CREATE INDEX ON "+entries+" (position)", logFunctionSQL(schema), headLockFunctionSQL(schema))
+	stmts = append(stmts, "CREATE INDEX ON "+entries+" (position)", logFunctionSQL(schema, notifyRoom), headLockFunctionSQL(schema))
 	return stmts
 }
 
@@ -114,7 +114,7 @@ const notifyRoom = 0.5
 // a statement's changed rows to the log, in id order, and sends the log's
 // wake-up: an empty NOTIFY, which PostgreSQL sends once per transaction
 // however many statements repeat it, and only at the commit.
-func logFunctionSQL(schema string) string {
+func logFunctionSQL(schema string, room float64) string {
 	s := pgx.Identifier{schema}.Sanitize()
 	return fmt.Sprintf(`CREATE FUNCTION %[1]s.%[2]s() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -143,7 +143,7 @@ BEGIN
 	RETURN NULL;
 END
 $fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifier{schema, logOffsets}.Sanitize(),
-		pgx.Identifier{schema, logEntries}.Sanitize(), logChannel(schema), notifyRoom)
+		pgx.Identifier{schema, logEntries}.Sanitize(), logChannel(schema), room)
 }
 
 func headLockFunctionSQL(schema string) string {

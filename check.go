@@ -165,11 +165,8 @@ func Check(ctx context.Context, connString string, opts ...Option) (Report, erro
 	if err != nil {
 		return Report{}, err
 	}
-	poolCfg, err := pgxpool.ParseConfig(connString)
+	poolCfg, err := parseConnString(connString)
 	if err != nil {
-		return Report{}, connStringError(connString, err)
-	}
-	if err := checkTLSFiles(connString); err != nil {
 		return Report{}, err
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)

@@ -91,7 +91,7 @@ func TestCheckSuperuser(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	c := chkConnect(t, pgtest.URL(t), schema)
+	c := connectURL(t, pgtest.URL(t), schema)
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]int{"hp": 300}))
 
 	report, err := c.Check(ctx)
@@ -107,14 +107,14 @@ func TestCheckSuperuser(t *testing.T) {
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
 	// pool, making room for the NOTIFY.
-	report, err = pgstore.Check(ctx, chkWithParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgstore.WithSchema(schema))
+	report, err = pgstore.Check(ctx, withParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgstore.WithSchema(schema))
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
 }
 
 func TestCheckErrors(t *testing.T) {
 	t.Parallel()
-	c := chkConnect(t, pgtest.URL(t), pgtest.Schema(t))
+	c := connectURL(t, pgtest.URL(t), pgtest.Schema(t))
 
 	ctx, cancel := context.WithCancel(testCtx(t))
 	cancel()
@@ -180,7 +180,7 @@ func TestCheckRevokedGrants(t *testing.T) {
 	role, roleURL := chkRole(t, schema,
 		"GRANT CONNECT ON DATABASE %[1]s TO %[2]s",
 		"GRANT USAGE, CREATE ON SCHEMA %[3]s TO %[2]s")
-	c := chkConnect(t, roleURL, schema)
+	c := connectURL(t, roleURL, schema)
 	chkSetGetDelete(t, c)
 
 	chkAdmin(t, fmt.Sprintf("REVOKE USAGE, CREATE ON SCHEMA %s FROM %s", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()))
@@ -218,7 +218,7 @@ func TestCheckFixes(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	admin := chkConnect(t, pgtest.URL(t), schema)
+	admin := connectURL(t, pgtest.URL(t), schema)
 	require.NoError(t, admin.Set(ctx, "cars/bmw", 1, 1))
 	require.NoError(t, admin.Set(ctx, `we"ird/1`, 1, 1))
 	chkAdmin(t, "REVOKE EXECUTE ON FUNCTION "+pgx.Identifier{schema, "pgstore_notify_v1"}.Sanitize()+"() FROM PUBLIC")
@@ -244,7 +244,7 @@ func TestCheckFixes(t *testing.T) {
 	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
-	chkSetGetDelete(t, chkConnect(t, roleURL, schema)) // the fixes are all it needs
+	chkSetGetDelete(t, connectURL(t, roleURL, schema)) // the fixes are all it needs
 }
 
 // On a schema with a change log, the triggers of new tables call the log's
@@ -253,7 +253,7 @@ func TestCheckNamesTheChangeLogsFunctionsARoleMayNotExecute(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	chkConnect(t, pgtest.URL(t), schema) // makes the schema
+	connectURL(t, pgtest.URL(t), schema) // makes the schema
 	admin, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Hour))
 	require.NoError(t, err)
 	require.NoError(t, admin.Close(ctx))
@@ -270,7 +270,7 @@ func TestCheckNamesTheChangeLogsFunctionsARoleMayNotExecute(t *testing.T) {
 	report, err = pgstore.Check(ctx, roleURL, pgstore.WithSchema(schema))
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
-	chkSetGetDelete(t, chkConnect(t, roleURL, schema)) // through the log's triggers
+	chkSetGetDelete(t, connectURL(t, roleURL, schema)) // through the log's triggers
 }
 
 // TestCheckMissingSchema checks a role that may not create the schema it is
@@ -301,7 +301,7 @@ func TestCheckMissingSchema(t *testing.T) {
 	require.Contains(t, chkFind(t, report, "schema").Detail, "may create it")
 
 	// With that grant, pgstore creates the schema and owns everything.
-	c := chkConnect(t, roleURL, schema)
+	c := connectURL(t, roleURL, schema)
 	chkSetGetDelete(t, c)
 	report, err = c.Check(ctx)
 	require.NoError(t, err)
@@ -333,7 +333,7 @@ func TestCheckWithoutTemporaryTables(t *testing.T) {
 	require.Equal(t, 1, counter.stagingBegins(), "once refused, staging is not tried again")
 	require.Zero(t, counter.staged())
 
-	c = chkConnect(t, dbURL, pgstore.DefaultSchema)
+	c = connectURL(t, dbURL, pgstore.DefaultSchema)
 	require.EqualValues(t, len(results), rowCount(t, c, pgstore.DefaultSchema, "big"))
 	report, err := c.Check(ctx)
 	require.NoError(t, err)
@@ -360,15 +360,6 @@ func chkSetGetDelete(t *testing.T, c *pgstore.Connector) {
 	require.NoError(t, c.Delete(ctx, "cars/bmw"))
 	_, err = c.Get(ctx, "cars/bmw")
 	require.ErrorIs(t, err, pgstore.ErrNotFound)
-}
-
-// chkConnect returns a connector on the schema, closed when the test ends.
-func chkConnect(t testing.TB, connString, schema string) *pgstore.Connector {
-	t.Helper()
-	c, err := pgstore.Connect(testCtx(t), connString, pgstore.WithSchema(schema))
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, c.Close(context.Background())) })
-	return c
 }
 
 // chkAdmin runs statements as the test server's administrator. It works in
@@ -449,21 +440,7 @@ func chkWithDatabase(t testing.TB, connString, database string) string {
 		u.Path = "/" + database
 		return u.String()
 	}
-	return chkWithParam(t, connString, "dbname", database)
-}
-
-// chkWithParam returns the connection string with one more setting.
-func chkWithParam(t testing.TB, connString, key, value string) string {
-	t.Helper()
-	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
-		u, err := url.Parse(connString)
-		require.NoError(t, err)
-		q := u.Query()
-		q.Set(key, value)
-		u.RawQuery = q.Encode()
-		return u.String()
-	}
-	return fmt.Sprintf("%s %s='%s'", connString, key, strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(value))
+	return withParam(t, connString, "dbname", database)
 }
 
 // chkApplyFixes runs, as the administrator, the fix of each failed check.
@@ -539,7 +516,7 @@ func TestLargeBatchesThroughATransactionPooler(t *testing.T) {
 	results := setMany(ctx, c, "big", 3*pgstore.StageMinRows) // three full batches
 	waitAll(t, results)
 	require.Equal(t, 3, counter.staged())
-	require.EqualValues(t, len(results), rowCount(t, chkConnect(t, pgtest.URL(t), schema), schema, "big"))
+	require.EqualValues(t, len(results), rowCount(t, connectURL(t, pgtest.URL(t), schema), schema, "big"))
 }
 
 // chkBouncer starts PgBouncer in front of the test server, stopped when the
@@ -660,7 +637,7 @@ func TestCheckNamesTheSessionThatHoldsTheNotificationQueueBack(t *testing.T) {
 	_, err = sender.Exec(ctx, "SELECT pg_notify('pgstore_test_stuck', i || repeat('x', 7900)) FROM generate_series(1, 11000) AS i")
 	require.NoError(t, err)
 
-	c := chkConnect(t, url, "pgstore_check_queue")
+	c := connectURL(t, url, "pgstore_check_queue")
 	report, err := c.Check(ctx)
 	require.NoError(t, err)
 	queue := chkFind(t, report, "notification queue")

@@ -136,11 +136,8 @@ func Connect(ctx context.Context, connString string, opts ...Option) (*Connector
 	if err != nil {
 		return nil, err
 	}
-	poolCfg, err := pgxpool.ParseConfig(connString)
+	poolCfg, err := parseConnString(connString)
 	if err != nil {
-		return nil, connStringError(connString, err)
-	}
-	if err := checkTLSFiles(connString); err != nil {
 		return nil, err
 	}
 	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {

@@ -168,16 +168,7 @@ func TestNewLeavesTheCallersPoolOpenAfterClose(t *testing.T) {
 func TestAPoolOfOneConnectionIsEnough(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	url := pgtest.URL(t)
-	switch {
-	case !strings.Contains(url, "://"):
-		url += " pool_max_conns=1" // keyword/value form
-	case strings.Contains(url, "?"):
-		url += "&pool_max_conns=1"
-	default:
-		url += "?pool_max_conns=1"
-	}
-	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema(pgtest.Schema(t)), pgstore.WithLogger(testLogger(t)))
+	c, err := pgstore.Connect(ctx, withParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgstore.WithSchema(pgtest.Schema(t)), pgstore.WithLogger(testLogger(t)))
 	require.NoError(t, err)
 	defer func() { require.NoError(t, c.Close(ctx)) }()
 
@@ -843,12 +834,7 @@ func TestConnectedSessionsNameThemselvesPgstoreUnlessTheConnectionStringSays(t *
 	}
 	require.Equal(t, pgstore.DefaultApplicationName, name(connect(t)))
 
-	u := pgtest.URL(t)
-	sep := "?"
-	if strings.Contains(u, "?") {
-		sep = "&"
-	}
-	c, err := pgstore.Connect(ctx, u+sep+"application_name=node-7", pgstore.WithSchema(pgtest.Schema(t)))
+	c, err := pgstore.Connect(ctx, withParam(t, pgtest.URL(t), "application_name", "node-7"), pgstore.WithSchema(pgtest.Schema(t)))
 	require.NoError(t, err)
 	defer c.Close(ctx)
 	require.Equal(t, "node-7", name(c))
@@ -880,15 +866,8 @@ func TestATablePolicyThatWritesToANewTableIsToldSoInsteadOfWaitingForItself(t *t
 func TestTheListenConnectionIsOneBeyondPoolMaxConns(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	app := "pgstore_test_" + strings.ReplaceAll(pgtest.Schema(t), "pgstore_test_", "")
-	u := pgtest.URL(t)
-	sep := "?"
-	if strings.Contains(u, "?") {
-		sep = "&"
-	}
-	c, err := pgstore.Connect(ctx, u+sep+"pool_max_conns=2&application_name="+app, pgstore.WithSchema(pgtest.Schema(t)))
-	require.NoError(t, err)
-	defer c.Close(ctx)
+	schema := pgtest.Schema(t) // also the application_name of its sessions: unique to the test
+	c := connectURL(t, withParam(t, withParam(t, pgtest.URL(t), "pool_max_conns", "2"), "application_name", schema), schema)
 	sub, err := c.Subscribe(ctx, func(pgstore.Event) {})
 	require.NoError(t, err)
 	defer sub.Close(ctx)
@@ -898,7 +877,7 @@ func TestTheListenConnectionIsOneBeyondPoolMaxConns(t *testing.T) {
 		defer rows.Close()
 	}
 	var sessions int
-	require.NoError(t, pgtest.Pool(t).QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app).Scan(&sessions))
+	require.NoError(t, pgtest.Pool(t).QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", schema).Scan(&sessions))
 	require.Equal(t, 3, sessions, "two pooled, and the LISTEN connection")
 	require.True(t, c.Stats().Listener.Listening)
 }

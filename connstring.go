@@ -8,7 +8,22 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
+
+// parseConnString is pgxpool.ParseConfig, for Connect and Check: its errors
+// are explained (see connStringError), and TLS files that sslmode=disable
+// would ignore are refused (see checkTLSFiles).
+func parseConnString(connString string) (*pgxpool.Config, error) {
+	cfg, err := pgxpool.ParseConfig(connString)
+	if err != nil {
+		return nil, connStringError(connString, err)
+	}
+	if err := checkTLSFiles(connString); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
 
 // connStringError wraps an error of pgxpool.ParseConfig, explaining the
 // cases where pgx's message leaves the fix unclear: a client certificate

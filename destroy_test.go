@@ -28,15 +28,7 @@ const bigSchemaTables = 200
 func connectPrivate(t *testing.T, settings []string, opts ...pgstore.Option) (*pgstore.Connector, string) {
 	t.Helper()
 	u := pgtest.Private(t, settings...)
-	opts = append([]pgstore.Option{pgstore.WithSchema("big"), pgstore.WithLogger(testLogger(t))}, opts...)
-	c, err := pgstore.Connect(testCtx(t), u+"&pool_max_conns=3", opts...) // a server of few connections
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		if err := c.Close(context.Background()); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	return c, u
+	return connectURL(t, withParam(t, u, "pool_max_conns", "3"), "big", opts...), u // a server of few connections
 }
 
 // createTables creates the pgstore tables t000 … t(n-1) of the connector's

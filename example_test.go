@@ -1247,8 +1247,9 @@ func ExampleConnector_Stats() {
 	// following the log: 1
 }
 
-// timingTracer logs each flush with its duration; a tracer of OpenTelemetry
-// would start a span in TraceFlushStart and end it in TraceFlushEnd.
+// timingTracer times each flush and reports its outcome; a tracer of
+// OpenTelemetry would start a span in TraceFlushStart and end it in
+// TraceFlushEnd.
 type timingTracer struct{ flushes chan string }
 
 type flushStartKey struct{}
@@ -1258,8 +1259,9 @@ func (t timingTracer) TraceFlushStart(ctx context.Context, d pgstore.TraceFlushS
 }
 
 func (t timingTracer) TraceFlushEnd(ctx context.Context, d pgstore.TraceFlushEndData) {
-	took := time.Since(ctx.Value(flushStartKey{}).(time.Time))
-	t.flushes <- fmt.Sprintf("flush: %d durable, %d failed, in under a minute: %v", d.Durable, d.Failed, took < time.Minute)
+	took := time.Since(ctx.Value(flushStartKey{}).(time.Time)) // ctx is the one TraceFlushStart returned
+	_ = took                                                   // record it: a span, a histogram
+	t.flushes <- fmt.Sprintf("flush: %d durable, %d failed", d.Durable, d.Failed)
 }
 
 func ExampleWithTracer() {
@@ -1293,6 +1295,6 @@ func ExampleWithTracer() {
 	fmt.Println(<-tracer.flushes)
 	fmt.Println((<-events).Key)
 	// Output:
-	// flush: 1 durable, 0 failed, in under a minute: true
+	// flush: 1 durable, 0 failed
 	// cars/bmw
 }

@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"strings"
 	"time"
 )
 
@@ -42,3 +43,14 @@ func WithStuckAfter(d time.Duration) Option {
 		return nil
 	}
 }
+
+// SetLogNotifyRoom makes the log's trigger send its wake-up only while the
+// notification queue is less than room full, so that a test can cross the
+// bound without filling half of the 8 GB queue.
+func (c *Connector) SetLogNotifyRoom(ctx context.Context, room float64) error {
+	_, err := c.pool.Exec(ctx, strings.Replace(logFunctionSQL(c.cfg.schema, room), "CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+	return err
+}
+
+// LogChannel is the channel of the log's wake-ups.
+func LogChannel(schema string) string { return logChannel(schema) }

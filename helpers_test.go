@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
@@ -28,8 +31,15 @@ func connect(t testing.TB, opts ...pgstore.Option) *pgstore.Connector {
 // ends (before the schema is dropped).
 func connectSchema(t testing.TB, schema string, opts ...pgstore.Option) *pgstore.Connector {
 	t.Helper()
+	return connectURL(t, pgtest.URL(t), schema, opts...)
+}
+
+// connectURL is connectSchema on the server of another connection string: a
+// private server, a proxy, a role's.
+func connectURL(t testing.TB, connString, schema string, opts ...pgstore.Option) *pgstore.Connector {
+	t.Helper()
 	opts = append([]pgstore.Option{pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t))}, opts...)
-	c, err := pgstore.Connect(context.Background(), pgtest.URL(t), opts...)
+	c, err := pgstore.Connect(context.Background(), connString, opts...)
 	if err != nil {
 		t.Fatalf("connect: %v", err)
 	}
@@ -70,6 +80,21 @@ func ident(schema, table string) string {
 	return pgx.Identifier{schema, table}.Sanitize()
 }
 
+// withParam returns the connection string, URL or key=value, with one more
+// setting.
+func withParam(t testing.TB, connString, key, value string) string {
+	t.Helper()
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		require.NoError(t, err)
+		q := u.Query()
+		q.Set(key, value)
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	return fmt.Sprintf("%s %s='%s'", connString, key, strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(value))
+}
+
 // queryInt runs a query that returns one integer.
 func queryInt(t testing.TB, c *pgstore.Connector, sql string, args ...any) int64 {
 	t.Helper()
@@ -91,6 +116,17 @@ func rowCount(t testing.TB, c *pgstore.Connector, schema, table string) int64 {
 func tableExists(t testing.TB, c *pgstore.Connector, schema, table string) bool {
 	t.Helper()
 	return queryInt(t, c, "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = $2", schema, table) == 1
+}
+
+// tableTriggers returns the names of a table's pgstore triggers.
+func tableTriggers(t *testing.T, pool *pgxpool.Pool, schema, table string) []string {
+	t.Helper()
+	rows, err := pool.Query(testCtx(t), `SELECT tgname FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname LIKE 'pgstore%' ORDER BY tgname`,
+		ident(schema, table))
+	require.NoError(t, err)
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return names
 }
 
 // storedRow reads a row straight from its table, bypassing the connector.

@@ -628,21 +628,31 @@ func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 	}
 }
 
-func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
-	t.Parallel()
-	ctx := context.Background()
-	c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(pgtest.Schema(t)))
-	require.NoError(t, err)
-	stuck, release := make(chan struct{}), make(chan struct{})
-	_, err = c.Subscribe(ctx, func(e pgstore.Event) {
-		if e.Type == pgstore.Insert {
+// subscribeStuck subscribes a handler whose first call (the CREATE_TABLE of
+// the writes that follow) blocks until release is closed, writes t/a and t/b,
+// and returns once that call has begun. calls counts the handler's calls.
+func subscribeStuck(t *testing.T, ctx context.Context, c *pgstore.Connector) (sub *pgstore.Subscription, release chan struct{}, calls *atomic.Int32) {
+	t.Helper()
+	stuck, release, calls := make(chan struct{}), make(chan struct{}), new(atomic.Int32)
+	sub, err := c.Subscribe(ctx, func(pgstore.Event) {
+		if calls.Add(1) == 1 {
 			close(stuck)
 			<-release
 		}
 	})
 	require.NoError(t, err)
 	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
+	require.NoError(t, c.Set(ctx, "t/b", 1, 1))
 	<-stuck
+	return sub, release, calls
+}
+
+func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(pgtest.Schema(t)))
+	require.NoError(t, err)
+	_, release, _ := subscribeStuck(t, ctx, c)
 
 	closeCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()
@@ -655,23 +665,11 @@ func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 func TestSubscriptionCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	c := connect(t)
-	stuck, release := make(chan struct{}), make(chan struct{})
-	var calls atomic.Int32
-	sub, err := c.Subscribe(ctx, func(e pgstore.Event) {
-		if calls.Add(1) == 1 {
-			close(stuck)
-			<-release
-		}
-	})
-	require.NoError(t, err)
-	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
-	require.NoError(t, c.Set(ctx, "t/b", 1, 1))
-	<-stuck
+	sub, release, calls := subscribeStuck(t, ctx, connect(t))
 
 	closeCtx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
-	err = sub.Close(closeCtx)
+	err := sub.Close(closeCtx)
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.ErrorContains(t, err, "the handler has not returned")
 	close(release)

@@ -497,7 +497,9 @@ func destroySchema(ctx context.Context, db beginner, schema string, fallback eve
 				return err
 			}
 			var exists bool
-			if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", schema).Scan(&exists); err != nil {
+			err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1), current_setting('max_locks_per_transaction')::int",
+				schema).Scan(&exists, &budget)
+			if err != nil {
 				return err
 			}
 			if !exists {
@@ -507,10 +509,6 @@ func destroySchema(ctx context.Context, db beginner, schema string, fallback eve
 				done = true // destroyed meanwhile by another call
 				return nil
 			}
-			if err := tx.QueryRow(ctx, "SELECT current_setting('max_locks_per_transaction')::int").Scan(&budget); err != nil {
-				return err
-			}
-			var err error
 			if found, err = listDestroyTargets(ctx, tx, schema); err != nil {
 				return err
 			}
@@ -666,14 +664,8 @@ func (c *Connector) DropTable(ctx context.Context, name string) error {
 		if !exists {
 			return ErrTableNotFound
 		}
-		events, err := schemaEvents(ctx, tx, schema, c.cfg.events)
-		if err != nil {
+		if err := announceDestroyed(ctx, tx, schema, []string{name}, c.cfg.events); err != nil {
 			return err
-		}
-		if events.has(DestroyTable) {
-			if err := announceDDL(ctx, tx, schema, DestroyTable, name); err != nil {
-				return err
-			}
 		}
 		_, err = tx.Exec(ctx, "DROP TABLE "+pgx.Identifier{schema, name}.Sanitize())
 		return err

@@ -610,9 +610,7 @@ func TestSchemaOverviewOfMoreTablesThanTheLockTableHolds(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
 	const schema = "pgstore_overview"
-	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema(schema))
-	require.NoError(t, err)
-	t.Cleanup(func() { c.Close(context.Background()) })
+	c := connectURL(t, url, schema)
 	var capacity int
 	require.NoError(t, pool.QueryRow(ctx, `SELECT current_setting('max_locks_per_transaction')::int *
 		(current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)`).Scan(&capacity))

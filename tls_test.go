@@ -52,12 +52,12 @@ func TestTLS(t *testing.T) {
 
 	t.Run("require", func(t *testing.T) {
 		t.Parallel()
-		c := chkConnect(t, srv.connString("127.0.0.1", "sslmode", "require"), pgtest.Schema(t))
+		c := connectURL(t, srv.connString("127.0.0.1", "sslmode", "require"), pgtest.Schema(t))
 		tlsRequireSession(t, c, true, "")
 	})
 	t.Run("verify-full", func(t *testing.T) {
 		t.Parallel()
-		c := chkConnect(t, srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA), pgtest.Schema(t))
+		c := connectURL(t, srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA), pgtest.Schema(t))
 		tlsRequireSession(t, c, true, "")
 	})
 	t.Run("verify-full refuses a host name not in the certificate", func(t *testing.T) {
@@ -66,7 +66,7 @@ func TestTLS(t *testing.T) {
 		_, err := pgstore.Connect(testCtx(t), srv.connString("127.0.0.1", "sslmode", "verify-full", "sslrootcert", f.CA))
 		require.ErrorContains(t, err, "x509: cannot validate certificate for 127.0.0.1")
 		// verify-ca checks the chain, not the name.
-		c := chkConnect(t, srv.connString("127.0.0.1", "sslmode", "verify-ca", "sslrootcert", f.CA), pgtest.Schema(t))
+		c := connectURL(t, srv.connString("127.0.0.1", "sslmode", "verify-ca", "sslrootcert", f.CA), pgtest.Schema(t))
 		tlsRequireSession(t, c, true, "")
 	})
 	t.Run("verify-full refuses an unknown authority", func(t *testing.T) {
@@ -76,12 +76,12 @@ func TestTLS(t *testing.T) {
 	})
 	t.Run("disable", func(t *testing.T) {
 		t.Parallel()
-		c := chkConnect(t, srv.connString("127.0.0.1", "sslmode", "disable"), pgtest.Schema(t))
+		c := connectURL(t, srv.connString("127.0.0.1", "sslmode", "disable"), pgtest.Schema(t))
 		tlsRequireSession(t, c, false, "")
 	})
 	t.Run("client certificate", func(t *testing.T) {
 		t.Parallel()
-		c := chkConnect(t, srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA,
+		c := connectURL(t, srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", f.CA,
 			"sslcert", f.ClientCert, "sslkey", f.ClientKey, "sslcertmode", "require"), pgtest.Schema(t))
 		tlsRequireSession(t, c, true, "/CN="+certs.ClientName)
 	})

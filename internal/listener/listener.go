@@ -3,7 +3,6 @@
 package listener
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -106,9 +105,7 @@ func (l *Listener) Run(ctx context.Context) {
 	var conn *pgx.Conn
 	defer func() {
 		l.mu.Lock()
-		if l.state.Listening {
-			l.state.Listening, l.state.Since = false, time.Now()
-		}
+		l.setListeningLocked(false)
 		l.mu.Unlock()
 		if conn != nil {
 			closeCtx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -149,7 +146,7 @@ func (l *Listener) Run(ctx context.Context) {
 			// subscriber's re-read miss nothing.
 			fresh = false
 			l.mu.Lock()
-			l.state.Listening, l.state.Since = true, time.Now()
+			l.setListeningLocked(true)
 			if everListened {
 				l.state.Reconnects++
 			}
@@ -180,11 +177,17 @@ func (l *Listener) lost(ctx context.Context, conn *pgx.Conn, err error) *pgx.Con
 		ch.listening = false
 		ch.unannounce()
 	}
-	if l.state.Listening {
-		l.state.Listening, l.state.Since = false, time.Now()
-	}
+	l.setListeningLocked(false)
 	l.mu.Unlock()
 	return nil
+}
+
+// setListeningLocked records whether the connection listens, since now if
+// that changed.
+func (l *Listener) setListeningLocked(listening bool) {
+	if l.state.Listening != listening {
+		l.state.Listening, l.state.Since = listening, time.Now()
+	}
 }
 
 // nextChangeLocked finds a channel whose LISTEN state must change.
@@ -257,7 +260,7 @@ func (l *Listener) wait(ctx context.Context, conn *pgx.Conn) error {
 	case ctx.Err() != nil:
 		return nil
 	case errors.Is(waitCtx.Err(), context.DeadlineExceeded):
-		pingCtx, cancel := context.WithTimeout(ctx, cmp.Or(l.PingTimeout, DefaultPingTimeout))
+		pingCtx, cancel := context.WithTimeout(ctx, l.pingTimeout())
 		defer cancel()
 		return conn.Ping(pingCtx)
 	case waitCtx.Err() != nil && !conn.IsClosed():
@@ -325,6 +328,13 @@ func (l *Listener) pingAfter() time.Duration {
 		return l.PingAfter
 	}
 	return DefaultPingAfter
+}
+
+func (l *Listener) pingTimeout() time.Duration {
+	if l.PingTimeout > 0 {
+		return l.PingTimeout
+	}
+	return DefaultPingTimeout
 }
 
 func (l *Listener) minBackoff() time.Duration {

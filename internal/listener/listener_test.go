@@ -1,6 +1,7 @@
 package listener
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -16,6 +18,26 @@ import (
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// run runs l's loop on a goroutine of its own until stop, which returns once
+// Run has; the test's end stops it too.
+func run(t *testing.T, l *Listener) (ctx context.Context, stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); l.Run(ctx) }()
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return ctx, stop
+}
+
+// listening waits until l says it listens, and returns its state. The loop
+// marks itself listening once the channels are listened on, just after it
+// lets Listen return.
+func listening(t *testing.T, l *Listener) State {
+	t.Helper()
+	require.Eventually(t, func() bool { return l.State().Listening }, 10*time.Second, time.Millisecond)
+	return l.State()
+}
 
 // deepstream retried its initial connection in a hot loop.
 func TestAServerThatCannotBeReachedIsRetriedWithBackoffNotInAHotLoop(t *testing.T) {
@@ -32,12 +54,9 @@ func TestAServerThatCannotBeReachedIsRetriedWithBackoffNotInAHotLoop(t *testing.
 		},
 		MinBackoff: 20 * time.Millisecond,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
+	_, stop := run(t, l)
 	<-fourth
-	cancel()
-	<-done
+	stop()
 	// Every retry waited at least the minimum backoff (a hot loop waits
 	// nothing; a slow machine can only wait longer).
 	for i := 1; i < attempts; i++ {
@@ -70,14 +89,11 @@ func TestAConnectionThatFailsAtOnceIsRetriedWithBackoff(t *testing.T) {
 		},
 		MinBackoff: 20 * time.Millisecond,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
+	ctx, stop := run(t, l)
 	listened := make(chan error, 1)
 	go func() { listened <- l.Listen(ctx, "ch") }()
 	<-fourth
-	cancel()
-	<-done
+	stop()
 	require.Error(t, <-listened)
 	for i := 1; i < attempts; i++ {
 		require.GreaterOrEqual(t, times[i].Sub(times[i-1]), l.MinBackoff, "attempt %d", i+1)
@@ -122,16 +138,11 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 		Reconnected: func() { listensAtReconnect <- listens.done.Load() },
 		MinBackoff:  10 * time.Millisecond,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	ctx, stop := run(t, l)
 	require.NoError(t, l.Listen(ctx, "a"))
 	require.NoError(t, l.Listen(ctx, "b"))
 	require.EqualValues(t, 2, listens.done.Load())
-	// The loop marks itself listening just after it lets Listen return.
-	require.Eventually(t, func() bool { return l.State().Listening }, 10*time.Second, time.Millisecond)
-	first := l.State()
+	first := listening(t, l)
 	require.True(t, first.Listening)
 	require.Zero(t, first.Reconnects)
 
@@ -150,8 +161,7 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 	require.True(t, again.Listening)
 	require.Equal(t, int64(1), again.Reconnects)
 	require.True(t, again.Since.After(first.Since), "listening since the new connection")
-	cancel()
-	<-done
+	stop()
 	require.False(t, l.State().Listening, "once Run returned")
 }
 
@@ -161,25 +171,34 @@ func TestReconnectedComesOnlyOnceListeningAgain(t *testing.T) {
 func TestAnIdleConnectionIsPingedAndASilentOneReplaced(t *testing.T) {
 	proxy, url := pgtest.NewProxy(t)
 	reconnected := make(chan struct{}, 8) // Run must not block on it
+	pings := make(pingsSent, 16)
 	l := &Listener{
-		Connect:     func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, url) },
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			conn, err := pgx.Connect(ctx, url)
+			if err == nil {
+				conn.PgConn().Frontend().Trace(pings, pgproto3.TracerOptions{SuppressTimestamps: true})
+			}
+			return conn, err
+		},
 		Reconnected: func() { reconnected <- struct{}{} },
 		PingAfter:   20 * time.Millisecond,
 		PingTimeout: 200 * time.Millisecond,
 		MinBackoff:  10 * time.Millisecond,
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	ctx, _ := run(t, l)
 	require.NoError(t, l.Listen(ctx, "a"))
-	// The loop marks itself listening once the channels are listened on,
-	// just after it lets Listen return.
-	require.Eventually(t, func() bool { return l.State().Listening }, 10*time.Second, time.Millisecond)
-	before := l.State()
+	before := listening(t, l)
 
-	// Many idle periods, each ending in a ping that is answered.
-	time.Sleep(10 * l.PingAfter)
+	// Idle periods, each ending in a ping: the loop sends the next only
+	// once the last was answered.
+	const answered = 3
+	for i := range answered + 1 {
+		select {
+		case <-pings:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %d pings sent", i)
+		}
+	}
 	require.Equal(t, before, l.State(), "answered pings keep the connection")
 	require.True(t, before.Listening)
 
@@ -191,4 +210,18 @@ func TestAnIdleConnectionIsPingedAndASilentOneReplaced(t *testing.T) {
 	}
 	require.Equal(t, int64(1), l.State().Reconnects)
 	require.True(t, l.State().Listening)
+}
+
+// pingsSent is a trace writer (see pgproto3.Frontend.Trace) that signals each
+// ping its connection sends, dropping the signals nobody waits for.
+type pingsSent chan struct{}
+
+func (p pingsSent) Write(msg []byte) (int, error) {
+	if bytes.Contains(msg, []byte("\tQuery\t")) && bytes.Contains(msg, []byte(`"-- ping"`)) {
+		select {
+		case p <- struct{}{}:
+		default:
+		}
+	}
+	return len(msg), nil
 }
