@@ -96,5 +96,23 @@ func TestBrowser(t *testing.T) {
 		t.Fatal("PostgreSQL still holds demo/bike")
 	}
 
+	// When its connection drops, the page reconnects by itself and opens
+	// its table again: a record written through node A while it was cut
+	// off shows, on a connection of its own.
+	b.srv.mu.Lock()
+	dropped := make(map[*client]bool)
+	for c := range b.srv.clients {
+		dropped[c] = true
+	}
+	b.srv.mu.Unlock()
+	for c := range dropped {
+		c.conn.CloseNow()
+	}
+	ca.requestOK(map[string]any{"type": "set", "key": "demo/boat", "version": 1, "value": map[string]any{"sails": 2}})
+	br.Do("see the page reconnect and show demo/boat",
+		chromedp.WaitVisible(chromedp.CSS(row("demo/boat")+`[data-version="1"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#status.live`)))
+	newClient1(t, b, dropped)
+
 	problems.Report(t)
 }

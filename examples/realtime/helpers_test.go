@@ -338,3 +338,23 @@ func httpGet(t testing.TB, url string) (*http.Response, []byte) {
 	}
 	return resp, body
 }
+
+// newClient1 returns the server's one client that is not in old.
+func newClient1(t *testing.T, n *node, old map[*client]bool) *client {
+	t.Helper()
+	n.srv.mu.Lock()
+	defer n.srv.mu.Unlock()
+	var found *client
+	for c := range n.srv.clients {
+		if !old[c] {
+			if found != nil {
+				t.Fatal("more than one new client")
+			}
+			found = c
+		}
+	}
+	if found == nil {
+		t.Fatal("no new client")
+	}
+	return found
+}

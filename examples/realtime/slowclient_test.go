@@ -129,23 +129,3 @@ func TestAClientThatDoesNotReadIsDisconnectedWith1008(t *testing.T) {
 	reader.requestOK(map[string]any{"type": "set", "key": "flood/after", "version": 1, "value": 1})
 	reader.awaitRecord("flood/after", 1)
 }
-
-// newClient1 returns the server's one client that is not in old.
-func newClient1(t *testing.T, n *node, old map[*client]bool) *client {
-	t.Helper()
-	n.srv.mu.Lock()
-	defer n.srv.mu.Unlock()
-	var found *client
-	for c := range n.srv.clients {
-		if !old[c] {
-			if found != nil {
-				t.Fatal("more than one new client")
-			}
-			found = c
-		}
-	}
-	if found == nil {
-		t.Fatal("no new client")
-	}
-	return found
-}
