@@ -7,10 +7,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/envflag"
 )
 
 // defaultURL is the database of a command given none.
@@ -24,15 +24,15 @@ type settings struct {
 }
 
 // envVars names the environment variable that stands in for each flag.
-var envVars = []struct{ flag, env string }{
-	{"addr", "CENTRIFUGE_ADDR"},
-	{"url", "DATABASE_URL"},
-	{"schema", "CENTRIFUGE_SCHEMA"},
-	{"channels", "CENTRIFUGE_CHANNELS"},
-	{"retention", "CENTRIFUGE_RETENTION"},
-	{"key-ttl", "CENTRIFUGE_KEY_TTL"},
-	{"stream-size", "CENTRIFUGE_STREAM_SIZE"},
-	{"stream-ttl", "CENTRIFUGE_STREAM_TTL"},
+var envVars = []envflag.Var{
+	{Flag: "addr", Env: "CENTRIFUGE_ADDR"},
+	{Flag: "url", Env: "DATABASE_URL"},
+	{Flag: "schema", Env: "CENTRIFUGE_SCHEMA"},
+	{Flag: "channels", Env: "CENTRIFUGE_CHANNELS"},
+	{Flag: "retention", Env: "CENTRIFUGE_RETENTION"},
+	{Flag: "key-ttl", Env: "CENTRIFUGE_KEY_TTL"},
+	{Flag: "stream-size", Env: "CENTRIFUGE_STREAM_SIZE"},
+	{Flag: "stream-ttl", Env: "CENTRIFUGE_STREAM_TTL"},
 }
 
 // parseSettings defines the command's flags on fs and parses args. What the
@@ -51,26 +51,8 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	fs.DurationVar(&s.cfg.KeyTTL, "key-ttl", 0, "expire keys not set again within this `duration` (MapModeRecoverable); 0 keeps them until removed (MapModePersistent)")
 	fs.IntVar(&s.cfg.StreamSize, "stream-size", DefaultStreamSize, "how many last changes of a channel a reconnecting client can recover")
 	fs.DurationVar(&s.cfg.StreamTTL, "stream-ttl", DefaultStreamTTL, "how long a channel's changes stay recoverable after its last one")
-	for _, v := range envVars {
-		fs.Lookup(v.flag).Usage += " [$" + v.env + "]"
-	}
-	if err := fs.Parse(args); err != nil {
+	if _, err := envflag.Parse(fs, args, envVars, lookupEnv); err != nil {
 		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))
-	}
-	given := make(map[string]bool)
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	for _, v := range envVars {
-		if given[v.flag] {
-			continue
-		}
-		if val, _ := lookupEnv(v.env); val != "" {
-			if err := fs.Set(v.flag, val); err != nil {
-				return nil, fmt.Errorf("invalid value %q for %s: %v", val, v.env, err)
-			}
-		}
 	}
 	for ch := range strings.SplitSeq(channels, ",") {
 		if ch = strings.TrimSpace(ch); ch != "" {
@@ -101,7 +83,7 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	}
 	pool, err := pgxpool.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("-url: cannot parse the connection string: %s", parseErrorText(err))
+		return nil, fmt.Errorf("-url: cannot parse the connection string: %s", envflag.ParseErrorText(err))
 	}
 	if pool.MaxConns < 2 {
 		return nil, fmt.Errorf("-url: pool_max_conns=%d; the store and the broker need at least 2", pool.MaxConns)
@@ -111,16 +93,4 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	}
 	s.pool = pool
 	return &s, nil
-}
-
-// parseErrorText returns the text of an error of pgxpool.ParseConfig without
-// the connection string that pgx quotes, which may hold a password.
-func parseErrorText(err error) string {
-	var pce *pgconn.ParseConfigError
-	if !errors.As(err, &pce) {
-		return err.Error()
-	}
-	bare := *pce
-	bare.ConnString = ""
-	return strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"math"
@@ -9,10 +8,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/envflag"
 )
 
 // settings are the command's configuration.
@@ -24,28 +23,26 @@ type settings struct {
 	limits    Limits
 }
 
-type envVar struct{ flag, env string }
-
 // envVars names the environment variable that stands in for each flag, in
 // the order README.md lists them.
-var envVars = []envVar{
-	{"addr", "REALTIME_ADDR"},
-	{"url", "DATABASE_URL"},
-	{"db-host", "REALTIME_DB_HOST"},
-	{"db-port", "REALTIME_DB_PORT"},
-	{"db-user", "REALTIME_DB_USER"},
-	{"db-password", "REALTIME_DB_PASSWORD"},
-	{"db-name", "REALTIME_DB_NAME"},
-	{"db-sslmode", "REALTIME_DB_SSLMODE"},
-	{"db-sslrootcert", "REALTIME_DB_SSLROOTCERT"},
-	{"db-sslcert", "REALTIME_DB_SSLCERT"},
-	{"db-sslkey", "REALTIME_DB_SSLKEY"},
-	{"db-pool-size", "REALTIME_DB_POOL_SIZE"},
-	{"schema", "REALTIME_SCHEMA"},
-	{"retention", "REALTIME_RETENTION"},
-	{"max-value-bytes", "REALTIME_MAX_VALUE_BYTES"},
-	{"max-subscriptions", "REALTIME_MAX_SUBSCRIPTIONS"},
-	{"max-messages-per-second", "REALTIME_MAX_MESSAGES_PER_SECOND"},
+var envVars = []envflag.Var{
+	{Flag: "addr", Env: "REALTIME_ADDR"},
+	{Flag: "url", Env: "DATABASE_URL"},
+	{Flag: "db-host", Env: "REALTIME_DB_HOST"},
+	{Flag: "db-port", Env: "REALTIME_DB_PORT"},
+	{Flag: "db-user", Env: "REALTIME_DB_USER"},
+	{Flag: "db-password", Env: "REALTIME_DB_PASSWORD"},
+	{Flag: "db-name", Env: "REALTIME_DB_NAME"},
+	{Flag: "db-sslmode", Env: "REALTIME_DB_SSLMODE"},
+	{Flag: "db-sslrootcert", Env: "REALTIME_DB_SSLROOTCERT"},
+	{Flag: "db-sslcert", Env: "REALTIME_DB_SSLCERT"},
+	{Flag: "db-sslkey", Env: "REALTIME_DB_SSLKEY"},
+	{Flag: "db-pool-size", Env: "REALTIME_DB_POOL_SIZE"},
+	{Flag: "schema", Env: "REALTIME_SCHEMA"},
+	{Flag: "retention", Env: "REALTIME_RETENTION"},
+	{Flag: "max-value-bytes", Env: "REALTIME_MAX_VALUE_BYTES"},
+	{Flag: "max-subscriptions", Env: "REALTIME_MAX_SUBSCRIPTIONS"},
+	{Flag: "max-messages-per-second", Env: "REALTIME_MAX_MESSAGES_PER_SECOND"},
 }
 
 // connFlags are the settings that a URL holds too: giving both would leave
@@ -92,40 +89,19 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	fs.IntVar(&s.limits.MaxValueBytes, "max-value-bytes", defaultMaxValueBytes, "largest value a client may set, in `bytes` of JSON")
 	fs.IntVar(&s.limits.MaxSubscriptions, "max-subscriptions", defaultMaxSubscriptions, "most keys and tables one client may subscribe to")
 	fs.IntVar(&s.limits.MessagesPerSecond, "max-messages-per-second", 0, "most messages a second from one client, in bursts of up to a second's worth (0: no limit)")
-	for _, v := range envVars {
-		fs.Lookup(v.flag).Usage += " [$" + v.env + "]"
-	}
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))
-	}
-
 	// given names the flag or variable that set each setting the command
 	// line or the environment sets.
-	given := make(map[string]string)
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = "-" + f.Name })
-	for _, v := range envVars {
-		if given[v.flag] != "" {
-			continue
-		}
-		val, _ := lookupEnv(v.env)
-		if val == "" {
-			continue
-		}
-		if err := fs.Set(v.flag, val); err != nil {
-			return nil, fmt.Errorf("invalid value %q for %s: %v", val, v.env, err)
-		}
-		given[v.flag] = v.env
+	given, err := envflag.Parse(fs, args, envVars, lookupEnv)
+	if err != nil {
+		return nil, err
 	}
 	// either names a setting as it was given, or else both ways to give it.
 	either := func(name string) string {
 		if g := given[name]; g != "" {
 			return g
 		}
-		i := slices.IndexFunc(envVars, func(v envVar) bool { return v.flag == name })
-		return "-" + name + " (or " + envVars[i].env + ")"
+		i := slices.IndexFunc(envVars, func(v envflag.Var) bool { return v.Flag == name })
+		return "-" + name + " (or " + envVars[i].Env + ")"
 	}
 
 	if url != "" {
@@ -169,9 +145,9 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	cfg, err := pgxpool.ParseConfig(connString)
 	switch {
 	case err != nil && url != "":
-		return nil, fmt.Errorf("%s: cannot parse the connection string: %s", given["url"], parseErrorText(err))
+		return nil, fmt.Errorf("%s: cannot parse the connection string: %s", given["url"], envflag.ParseErrorText(err))
 	case err != nil:
-		return nil, fmt.Errorf("the -db-* settings: %s", parseErrorText(err))
+		return nil, fmt.Errorf("the -db-* settings: %s", envflag.ParseErrorText(err))
 	}
 	if poolSize > 0 {
 		cfg.MaxConns = int32(poolSize)
@@ -202,19 +178,4 @@ func keywordValues(pairs ...string) string {
 		b.WriteString(pairs[i] + "='" + escape.Replace(pairs[i+1]) + "'")
 	}
 	return b.String()
-}
-
-// parseErrorText returns the text of an error of pgxpool.ParseConfig without
-// the connection string that pgx quotes: it masks the passwords it recognises
-// there, but only on a best-effort basis, and an escaped quote defeats it.
-func parseErrorText(err error) string {
-	text := err.Error()
-	var pce *pgconn.ParseConfigError
-	if !errors.As(err, &pce) {
-		return text
-	}
-	bare := *pce
-	bare.ConnString = ""
-	bareText := strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
-	return strings.Replace(text, pce.Error(), bareText, 1)
 }

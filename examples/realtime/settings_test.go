@@ -266,7 +266,7 @@ func TestSettingsDocumented(t *testing.T) {
 	}
 	env := make(map[string]string)
 	for _, v := range envVars {
-		env[v.flag] = v.env
+		env[v.Flag] = v.Env
 	}
 	fs := flag.NewFlagSet("realtime", flag.ContinueOnError)
 	if _, err := parseSettings(fs, nil, func(string) (string, bool) { return "", false }); err != nil {
