@@ -14,6 +14,7 @@ import (
 type handler struct {
 	mu     sync.Mutex
 	counts map[string]int
+	more   chan struct{} // a publication was counted
 
 	// watched is the channel whose publication with data want is reported
 	// on heard, with the time it arrived.
@@ -25,7 +26,7 @@ type handler struct {
 var _ centrifuge.BrokerEventHandler = (*handler)(nil)
 
 func newHandler(watched string) *handler {
-	return &handler{counts: make(map[string]int), watched: watched, heard: make(chan time.Time, 1)}
+	return &handler{counts: make(map[string]int), more: make(chan struct{}, 1), watched: watched, heard: make(chan time.Time, 1)}
 }
 
 func (h *handler) HandlePublication(ch string, pub *centrifuge.Publication, _ centrifuge.StreamPosition, _ bool, _ *centrifuge.Publication) error {
@@ -42,6 +43,10 @@ func (h *handler) HandlePublication(ch string, pub *centrifuge.Publication, _ ce
 	h.mu.Lock()
 	h.counts[ch]++
 	h.mu.Unlock()
+	select {
+	case h.more <- struct{}{}:
+	default:
+	}
 	return nil
 }
 
@@ -57,12 +62,16 @@ func (h *handler) count(ch string) int {
 // waitCount waits until ch's publications reach n, for at most timeout, and
 // returns how many there were.
 func (h *handler) waitCount(ch string, n int, timeout time.Duration) int {
-	deadline := time.Now().Add(timeout)
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	for {
-		got := h.count(ch)
-		if got >= n || time.Now().After(deadline) {
+		if got := h.count(ch); got >= n {
 			return got
 		}
-		time.Sleep(5 * time.Millisecond)
+		select {
+		case <-h.more:
+		case <-timer.C:
+			return h.count(ch)
+		}
 	}
 }
