@@ -224,3 +224,29 @@ func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool)
 		}
 	}
 }
+
+// holdNotificationQueue opens a session on url that listens and never reads
+// (it sits in a transaction, where a session reads no notification), and
+// fills about 1.1% of the notification queue (88 MB) behind it; it returns
+// the session's process id. Only on a private server: the queue is the
+// whole server's.
+func holdNotificationQueue(t *testing.T, ctx context.Context, url string) uint32 {
+	t.Helper()
+	stuck, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	t.Cleanup(func() { stuck.Close(context.Background()) })
+	_, err = stuck.Exec(ctx, "LISTEN pgstore_test_stuck")
+	require.NoError(t, err)
+	tx, err := stuck.Begin(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { tx.Rollback(context.Background()) })
+	_, err = tx.Exec(ctx, "SELECT 1")
+	require.NoError(t, err)
+
+	sender, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer sender.Close(context.Background())
+	_, err = sender.Exec(ctx, "SELECT pg_notify('pgstore_test_stuck', i || repeat('x', 7900)) FROM generate_series(1, 11000) AS i")
+	require.NoError(t, err)
+	return stuck.PgConn().PID()
+}
