@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -60,6 +61,36 @@ func TestAClaimThatAloneFencesAnAttemptIsKept(t *testing.T) {
 	s.settle(lostAttempt{token: "ended", backend: backend{pid: 42}}, false)
 	s.settle(lostAttempt{token: "committed"}, true)
 	require.Equal(t, []string{"ended", "committed"}, s.spent)
+}
+
+// The tokens of settled attempts are deleted spentBatch at a time, by the
+// marker of a batch that then commits; a batch that does not commit leaves
+// them to the next.
+func TestSpentTokensAreDeletedInGroupsByABatchThatCommits(t *testing.T) {
+	s := &sqlSink{c: &Connector{cfg: config{schema: "ds"}}}
+	marker := func(token string) *pgx.QueuedQuery {
+		var pb pgx.Batch
+		s.queueMarker(&pb, token)
+		require.Len(t, pb.QueuedQueries, 1)
+		return pb.QueuedQueries[0]
+	}
+	for i := range spentBatch {
+		q := marker(fmt.Sprint("t", i))
+		require.NotContains(t, q.SQL, "DELETE", "batch %d deletes before %d tokens gathered", i, spentBatch)
+		s.committed(fmt.Sprint("t", i))
+	}
+	require.Len(t, s.spent, spentBatch)
+
+	q := marker("lost")
+	require.Contains(t, q.SQL, "DELETE")
+	require.Equal(t, s.spent, q.Arguments[1], "it deletes every spent token")
+	// Its answer was lost and it did not commit: the next batch deletes
+	// them again, and the lost attempt's token once it is settled.
+	s.settle(lostAttempt{token: "lost", backend: backend{pid: 42}}, false)
+	q = marker("next")
+	require.Len(t, q.Arguments[1], spentBatch+1)
+	s.committed("next")
+	require.Equal(t, []string{"next"}, s.spent, "what it deleted is no longer spent; its own token is")
 }
 
 // A page asks for as many entries as fit its byte bound at the size of the

@@ -283,3 +283,18 @@ func TestWritesGoOnWhenPgstoresCommitMarkersAreDroppedBehindItsBack(t *testing.T
 	require.NoError(t, c.Set(ctx, "k/x", 2, "two"), "the markers are made again")
 	requireRecord(t, c, "k/x", 2, `"two"`)
 }
+
+// Every batch leaves its commit marker behind, and later batches delete them
+// in groups: however many batches a connector writes, its markers stay a few
+// dozen rows.
+func TestCommitMarkersStayBoundedHoweverManyBatches(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	c, schema := connectNamed(t, pgstore.WithWriteInterval(0))
+	for i := range 200 {
+		require.NoError(t, c.Set(ctx, "k/x", int64(i+1), i))
+	}
+	markers := queryInt(t, c, "SELECT count(*) FROM "+ident(schema, "pgstore/commits"))
+	require.LessOrEqual(t, markers, int64(40), "200 one-write batches")
+	require.Positive(t, markers, "the last batches' markers are kept until enough gather")
+}
