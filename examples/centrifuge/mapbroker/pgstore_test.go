@@ -279,3 +279,47 @@ func TestACommitIsNotCutShortByTheCaller(t *testing.T) {
 	pubs, _ := readAll(t, b, "cars")
 	assert.Equal(t, []string{"first=1", "k=v"}, keysData(pubs))
 }
+
+// A channel's KeyTTL and MetaTTL are the options of the node that writes
+// last: published again through a node whose channel has neither, a key no
+// longer expires and the channel's metadata no longer does.
+func TestTheLastWritersTTLsHold(t *testing.T) {
+	t.Parallel()
+	schema := newSchema(t)
+	ctx := context.Background()
+	var pool *pgxpool.Pool
+	nodeWith := func(opts centrifuge.MapChannelOptions) *Broker {
+		node, err := centrifuge.New(centrifuge.Config{Map: centrifuge.MapConfig{
+			GetMapChannelOptions: func(string) centrifuge.MapChannelOptions { return opts }}})
+		require.NoError(t, err)
+		var store *pgstore.Connector
+		store, pool = newStore(t, schema)
+		b, err := New(node, Config{Store: store, Pool: pool, Logger: quietLogger()})
+		require.NoError(t, err)
+		t.Cleanup(func() { require.NoError(t, b.Close(context.Background())) })
+		return b
+	}
+	expiring := nodeWith(centrifuge.MapChannelOptions{Mode: centrifuge.MapModeRecoverable, KeyTTL: time.Hour, MetaTTL: time.Hour})
+	lasting := nodeWith(centrifuge.MapChannelOptions{Mode: centrifuge.MapModePersistent})
+	count := func(sql string) int {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, sql, "room").Scan(&n))
+		return n
+	}
+	expiries := "SELECT count(*) FROM " + pgx.Identifier{schema, expiryTable}.Sanitize() + " WHERE tbl = $1"
+	metaTTLs := "SELECT count(*) FROM " + pgx.Identifier{schema, epochsTable}.Sanitize() + " WHERE tbl = $1 AND meta_expires IS NOT NULL"
+
+	publish(t, expiring, "room", "k", "v1")
+	publish(t, expiring, "room", "j", "v1")
+	require.Equal(t, 2, count(expiries))
+	require.Equal(t, 1, count(metaTTLs))
+
+	publish(t, lasting, "room", "k", "v2")
+	assert.Equal(t, 1, count(expiries), "k no longer expires; j still does")
+	assert.Equal(t, 0, count(metaTTLs), "the channel's metadata no longer expires")
+	publish(t, lasting, "room", "j", "v2")
+	publish(t, lasting, "room", "new", "v1")
+	assert.Equal(t, 0, count(expiries))
+	pubs, _ := readAll(t, lasting, "room")
+	assert.Equal(t, []string{"j=v2", "k=v2", "new=v1"}, keysData(pubs))
+}
