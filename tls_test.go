@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -74,6 +75,21 @@ func TestTLS(t *testing.T) {
 		_, err := pgstore.Connect(testCtx(t), srv.connString("localhost", "sslmode", "verify-full", "sslrootcert", otherCA))
 		require.ErrorContains(t, err, "certificate signed by unknown authority")
 	})
+	t.Run("verify-full without sslrootcert checks the system trust store", func(t *testing.T) {
+		t.Parallel()
+		// The test's authority is in no system store: refused here...
+		_, err := pgstore.Connect(testCtx(t), srv.connString("localhost", "sslmode", "verify-full"))
+		require.ErrorContains(t, err, "certificate signed by unknown authority")
+		// ...and trusted by a process whose system store is that authority
+		// alone (Go reads SSL_CERT_FILE once per process, hence another).
+		helper := exec.CommandContext(testCtx(t), os.Args[0], "-test.run=^TestTLSSystemTrustStoreHelper$", "-test.v")
+		helper.Env = append(os.Environ(), "SSL_CERT_FILE="+f.CA, "SSL_CERT_DIR="+t.TempDir(),
+			systemTrustURL+"="+srv.connString("localhost", "sslmode", "verify-full"), systemTrustSchema+"="+pgtest.Schema(t))
+		out, err := helper.CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		require.Contains(t, string(out), "--- PASS: TestTLSSystemTrustStoreHelper", "it ran, and did not skip")
+		require.NotContains(t, string(out), "--- SKIP")
+	})
 	t.Run("disable", func(t *testing.T) {
 		t.Parallel()
 		c := connectURL(t, srv.connString("127.0.0.1", "sslmode", "disable"), pgtest.Schema(t))
@@ -126,6 +142,24 @@ func TestTLS(t *testing.T) {
 			require.ErrorContains(t, err, "but "+half.missing+" is not")
 		})
 	}
+}
+
+// The environment by which the subtest of TestTLS on the system trust store
+// tells its helper what to connect to.
+const (
+	systemTrustURL    = "PGSTORE_TEST_SYSTEM_TRUST_URL"
+	systemTrustSchema = "PGSTORE_TEST_SYSTEM_TRUST_SCHEMA"
+)
+
+// TestTLSSystemTrustStoreHelper is run by TestTLS, in a process of its own
+// whose system trust store is the test's authority; run otherwise, it skips.
+func TestTLSSystemTrustStoreHelper(t *testing.T) {
+	connString := os.Getenv(systemTrustURL)
+	if connString == "" {
+		t.Skip("run by TestTLS")
+	}
+	c := connectURL(t, connString, os.Getenv(systemTrustSchema))
+	tlsRequireSession(t, c, true, "")
 }
 
 // tlsRequireSession writes and reads a record and asserts how the
