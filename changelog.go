@@ -335,20 +335,31 @@ func parseCursor(s string) (cursor, error) {
 }
 
 // logHeadRow is what a reader needs of the head: the log's identity, its
-// end, and the last position retention removed.
+// end, and the last position retention removed; and the server's clock when
+// it was read, so that the times of entries, which are the server's, can be
+// told in the client's.
 type logHeadRow struct {
 	log      string
 	position int64
 	dropped  int64
+	now      time.Time
+	skew     time.Duration // how far the client's clock is ahead, set by readLog
 }
 
 func readHead(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, schema string) (logHeadRow, error) {
 	var h logHeadRow
-	err := q.QueryRow(ctx, readHeadSQL(schema)).Scan(&h.log, &h.position, &h.dropped)
+	err := q.QueryRow(ctx, readHeadSQL(schema)).Scan(h.scan()...)
 	return h, err
 }
+
+func (h *logHeadRow) scan() []any { return []any{&h.log, &h.position, &h.dropped, &h.now} }
+
+// clientTime is a time of the server's clock in the client's: a lag measured
+// against the client's clock is then not off by the difference between the
+// two (only by the network's delay, within the skew's measure).
+func (h logHeadRow) clientTime(server time.Time) time.Time { return server.Add(h.skew) }
 
 // logChannel is the channel of the log's wake-ups: named for pgstore, so
 // that no application channel named like the schema collides with it, and
@@ -427,10 +438,10 @@ func (sc *logScanner) scan(rows pgx.Rows, e *logEntry) error {
 	return nil
 }
 
-// readHeadSQL reads the log's identity, end, and the last position retention
-// removed.
+// readHeadSQL reads the log's identity, end, the last position retention
+// removed, and the server's clock.
 func readHeadSQL(schema string) string {
-	return "SELECT replace(log_id::text, '-', ''), position, dropped FROM " + pgx.Identifier{schema, logHead}.Sanitize()
+	return "SELECT replace(log_id::text, '-', ''), position, dropped, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize()
 }
 
 // readPageSQL reads a page of entries after a position ($1, at most $2).

@@ -193,7 +193,7 @@ func (s *Subscription) follow(logID string, pos int64) {
 		}
 		for i := range page {
 			e := &page[i]
-			s.logAt.Store(e.at.UnixNano())
+			s.logAt.Store(head.clientTime(e.at).UnixNano())
 			if ev := e.event(s.cfg.schema); s.wants(ev) && !s.call(ev) {
 				return
 			}
@@ -255,7 +255,7 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 	var page []logEntry
 	var pb pgx.Batch
 	pb.Queue(readHeadSQL(schema)).QueryRow(func(row pgx.Row) error {
-		return row.Scan(&head.log, &head.position, &head.dropped)
+		return row.Scan(head.scan()...)
 	})
 	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
 		page = make([]logEntry, 0, limit)
@@ -276,6 +276,7 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 	if err := c.pool.SendBatch(ctx, &pb).Close(); err != nil {
 		return nil, head, err
 	}
+	head.skew = time.Since(head.now)
 	if pos < head.dropped {
 		return nil, head, nil // expired: what was read may not follow pos
 	}

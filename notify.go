@@ -359,7 +359,7 @@ type Subscription struct {
 	toLog      atomic.Bool  // of the NOTIFY feed: switch to the log (see logStarted)
 	stopping   bool         // under the connector's subsMu: stop has begun
 	logEnd     atomic.Int64 // the log's end, as of the last read
-	logAt      atomic.Int64 // when the entry being delivered was appended, in Unix ns
+	logAt      atomic.Int64 // when the entry being delivered was appended, by the client's clock, in Unix ns
 
 	mu     sync.Mutex
 	lost   bool // the queue overflowed: drop notices until Resync is delivered

@@ -105,3 +105,13 @@ func TestAPageAsksForWhatFitsItsByteBound(t *testing.T) {
 	require.Equal(t, 1, nextLimit(huge, logPageEntries))
 	require.Equal(t, 33, nextLimit(nil, 33), "an empty page says nothing of sizes")
 }
+
+// A lag is measured in one clock: an entry's time, the server's, is told in
+// the client's by how far the client's clock was ahead when the log was read.
+func TestAnEntrysTimeIsToldInTheClientsClock(t *testing.T) {
+	server := time.Date(2026, 12, 2, 9, 0, 0, 0, time.UTC)
+	head := logHeadRow{now: server, skew: time.Hour} // the client's clock is an hour ahead
+	appended := server.Add(-2 * time.Second)
+	require.Equal(t, server.Add(time.Hour-2*time.Second), head.clientTime(appended),
+		"appended two seconds before the read, by either clock")
+}

@@ -102,8 +102,10 @@ type LogLag struct {
 	// read of the log.
 	Entries int64
 	// Behind is, while Entries is not zero, how long ago the entry it is
-	// delivering (or delivered last) was appended, by the server's clock;
-	// zero once it has caught up.
+	// delivering (or delivered last) was appended; zero once it has caught
+	// up. The append's time is the server's, told in this process's clock
+	// as of each read of the log, so a difference between the two clocks
+	// does not count.
 	Behind time.Duration
 }
 
