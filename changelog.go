@@ -444,6 +444,13 @@ func readHeadSQL(schema string) string {
 	return "SELECT replace(log_id::text, '-', ''), position, dropped, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize()
 }
 
+// readHeadGenericSQL is readHeadSQL that also sets plan_cache_mode to
+// force_generic_plan until the end of the transaction: in a batch, for the
+// statements after it (see readLog).
+func readHeadGenericSQL(schema string) string {
+	return readHeadSQL(schema) + ", (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)) AS generic"
+}
+
 // readPageSQL reads a page of entries after a position ($1, at most $2).
 func readPageSQL(schema string) string {
 	return "SELECT position, off, tbl, id, op::text, coalesce(version, 0), val, at FROM " +

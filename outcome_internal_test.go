@@ -115,3 +115,27 @@ func TestAnEntrysTimeIsToldInTheClientsClock(t *testing.T) {
 	require.Equal(t, server.Add(time.Hour-2*time.Second), head.clientTime(appended),
 		"appended two seconds before the read, by either clock")
 }
+
+// A read of the log takes the page's generic plan, which the plan cache
+// would stop choosing once the log is large, and leaves the setting that
+// makes it to that read: the next query on the connection plans as usual.
+func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)), WithChangeLog(time.Hour))
+	require.NoError(t, err)
+	defer c.Close(context.Background())
+	conn, err := c.pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+
+	var before, during, after string
+	require.NoError(t, conn.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&before))
+	var pb pgx.Batch
+	pb.Queue(readHeadGenericSQL(c.cfg.schema))
+	pb.Queue("SHOW plan_cache_mode").QueryRow(func(row pgx.Row) error { return row.Scan(&during) })
+	require.NoError(t, conn.SendBatch(ctx, &pb).Close())
+	require.NoError(t, conn.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&after))
+	require.Equal(t, "force_generic_plan", during, "for the page's statement, after the head's in the batch")
+	require.Equal(t, before, after)
+}
