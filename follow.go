@@ -261,7 +261,10 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 		return row.Scan(head.scan()...)
 	})
 	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
-		page = make([]logEntry, 0, limit)
+		// As many as the head, read just before, says there are: a reader
+		// woken for one entry does not make room for a whole page. (More
+		// may have committed since; append makes room for them.)
+		page = make([]logEntry, 0, min(int64(limit), max(head.position-pos, 1)))
 		sc := logScanner{logID: head.log}
 		bytes := 0
 		for rows.Next() {
