@@ -323,3 +323,31 @@ func TestTheLastWritersTTLsHold(t *testing.T) {
 	pubs, _ := readAll(t, lasting, "room")
 	assert.Equal(t, []string{"j=v2", "k=v2", "new=v1"}, keysData(pubs))
 }
+
+// A change's transaction takes the generic plans of its statements, which the
+// plan cache would not choose for the stream write, and only that
+// transaction does: the connection plans as before once it ends.
+func TestAChangeTakesGenericPlansForItsTransactionOnly(t *testing.T) {
+	n := pgOnly(t)
+	ctx := context.Background()
+	publish(t, n.broker, "cars", "k", "v") // the channel and the log exist
+	conn, err := n.pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	show := func(q interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) string {
+		var mode string
+		require.NoError(t, q.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&mode))
+		return mode
+	}
+	before := show(conn)
+	tx, err := conn.Begin(ctx)
+	require.NoError(t, err)
+	var locked bool
+	require.NoError(t, tx.QueryRow(ctx, n.broker.sql.lockHead, lockClass, n.broker.lockKey("cars"), n.broker.sql.schema).Scan(&locked))
+	require.True(t, locked)
+	assert.Equal(t, "force_generic_plan", show(tx))
+	require.NoError(t, tx.Commit(ctx))
+	assert.Equal(t, before, show(conn))
+}

@@ -98,7 +98,13 @@ func newSQL(schema string) *sqlSet {
 	// head-lock trigger of each statement that writes a record is skipped:
 	// set over the rows already locked, as pgstore's batches do, since in
 	// the scan below the lock it would be set before the lock is taken.
-	s.lockHead = "SELECT set_config('pgstore.head_locked', $3, true) IS NOT NULL FROM (SELECT FROM " + head +
+	//
+	// It also makes the transaction's statements take their generic plans:
+	// the plan cache judges the stream write's (a join with the partitioned
+	// log) dearer than a custom plan, and would plan it at every change,
+	// for about as long as the statement then takes to run.
+	s.lockHead = "SELECT set_config('pgstore.head_locked', $3, true) IS NOT NULL AND " +
+		"set_config('plan_cache_mode', 'force_generic_plan', true) IS NOT NULL FROM (SELECT FROM " + head +
 		" WHERE pg_try_advisory_xact_lock_shared($1::int4, hashtext($2)) FOR UPDATE) AS locked"
 	// Everything a change or a read needs to know of a channel, in one
 	// statement (so in one snapshot). $1 is the table's name, $2 the
