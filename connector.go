@@ -285,6 +285,9 @@ func (c *Connector) Close(ctx context.Context) error {
 				c.closeErr = fmt.Errorf("pgstore: close: a batch whose outcome is unknown could not be ended, and may still commit: %w", err)
 			}
 		}
+		if err := c.sink.deleteSpentOnClose(ctx); err != nil {
+			c.cfg.logger.Warn("pgstore: close: cannot delete the commit markers of settled batches; markers a day old are swept", "err", err)
+		}
 		if err := c.closeFeed(ctx); err != nil && c.closeErr == nil {
 			c.closeErr = err
 		}

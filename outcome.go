@@ -32,8 +32,8 @@ import (
 // holds the token uncommitted, which would otherwise make the claim wait,
 // and one behind a pooler (where the backend is not known) relies on step
 // 2 and the claim's lock timeout. Tokens of settled attempts are deleted by
-// a later batch's transaction, spentBatch at a time, so the table holds a
-// few dozen rows per connector.
+// a later batch's transaction, spentBatch at a time, and by Close, so the
+// table holds a few dozen rows per running connector.
 
 // Names of pgstore's own tables in the schema. A record table's name never
 // holds a "/", so these can never be a record table's.
@@ -220,6 +220,30 @@ func (s *sqlSink) fenceOnClose() error {
 
 // closeFenceTimeout bounds how long Close tries to fence such an attempt.
 const closeFenceTimeout = 5 * time.Second
+
+// deleteSpentOnClose deletes, once the flusher has ended, the tokens of
+// settled attempts that no later batch will: a connector that closes leaves
+// no markers of its own behind but the claims that still fence. It is best
+// effort, within closeFenceTimeout: what it leaves, the sweep of markers a
+// day old removes.
+func (s *sqlSink) deleteSpentOnClose(ctx context.Context) error {
+	if len(s.spent) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, closeFenceTimeout)
+	defer cancel()
+	schema := s.c.cfg.schema
+	var pb pgx.Batch
+	pb.Queue("DELETE FROM "+pgx.Identifier{schema, commitsTable}.Sanitize()+" WHERE token = ANY($1::uuid[])", s.spent)
+	if s.c.cfg.versionGuard {
+		pb.Queue("DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($1::uuid[])", s.spent)
+	}
+	if err := s.c.pool.SendBatch(ctx, &pb).Close(); err != nil {
+		return err
+	}
+	s.spent = nil
+	return nil
+}
 
 // connectAside opens a connection of its own for fencing: the pool may be
 // full of connections that are lost but not yet closed (pgx gives a silent

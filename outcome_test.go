@@ -286,15 +286,29 @@ func TestWritesGoOnWhenPgstoresCommitMarkersAreDroppedBehindItsBack(t *testing.T
 
 // Every batch leaves its commit marker behind, and later batches delete them
 // in groups: however many batches a connector writes, its markers stay a few
-// dozen rows.
+// dozen rows, and Close deletes those it leaves.
 func TestCommitMarkersStayBoundedHoweverManyBatches(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	c, schema := connectNamed(t, pgstore.WithWriteInterval(0))
-	for i := range 200 {
-		require.NoError(t, c.Set(ctx, "k/x", int64(i+1), i))
+	count := func(schema, table string) int64 {
+		var n int64
+		require.NoError(t, pgtest.Pool(t).QueryRow(ctx, "SELECT count(*) FROM "+ident(schema, table)).Scan(&n))
+		return n
 	}
-	markers := queryInt(t, c, "SELECT count(*) FROM "+ident(schema, "pgstore/commits"))
-	require.LessOrEqual(t, markers, int64(40), "200 one-write batches")
-	require.Positive(t, markers, "the last batches' markers are kept until enough gather")
+	for _, guard := range []bool{false, true} {
+		schema := pgtest.Schema(t)
+		c := connectSchema(t, schema, pgstore.WithWriteInterval(0), pgstore.WithVersionGuard(guard))
+		for i := range 200 {
+			require.NoError(t, c.Set(ctx, "k/x", int64(i+1), i))
+		}
+		if guard {
+			require.Error(t, c.Set(ctx, "k/x", 1, "stale"), "refused, and recorded under its batch's token")
+			require.Positive(t, count(schema, "pgstore/refused"))
+		}
+		require.LessOrEqual(t, count(schema, "pgstore/commits"), int64(40), "200 one-write batches")
+		require.Positive(t, count(schema, "pgstore/commits"), "the last batches' markers are kept until enough gather")
+		closeNow(t, c)
+		require.Zero(t, count(schema, "pgstore/commits"), "Close deletes what the batches left")
+		require.Zero(t, count(schema, "pgstore/refused"))
+	}
 }
