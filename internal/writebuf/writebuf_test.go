@@ -1016,7 +1016,10 @@ func TestAWriteQueuedBehindFailingBatchesFailsNearItsOwnDeadlineNotAfterTheirs(t
 // ---- Stats ----
 
 func TestStatsCountFlushesDurableWritesRetriesAndFailuresByCause(t *testing.T) {
-	s := newSink().then(
+	s := newSink()
+	g := s.newGate()
+	s.then(
+		gated(g, commit()),                        // held, so that the next two writes gather
 		fail(writebuf.Transient), refusing("bad"), // a retry, then one refused and one durable
 		fail(writebuf.Permanent), // a batch refused whole
 		lost(false, cannotAsk),   // an outcome that cannot be learnt
@@ -1025,7 +1028,11 @@ func TestStatsCountFlushesDurableWritesRetriesAndFailuresByCause(t *testing.T) {
 	cfg.RetryTimeout = retryTimeout
 	b := start(t, cfg, s)
 
+	held := enqueue(t, b, set("held", 1, "1"))
+	s.nextCall(t)
 	first := []*writebuf.Result{enqueue(t, b, set("good", 1, "1")), enqueue(t, b, set("bad", 1, "1"))}
+	close(g)
+	require.NoError(t, outcome(t, held))
 	require.NoError(t, outcome(t, first[0]))
 	require.ErrorIs(t, outcome(t, first[1]), errRefused)
 	require.ErrorIs(t, outcome(t, enqueue(t, b, set("p", 1, "1"))), errPermanent)
@@ -1034,7 +1041,7 @@ func TestStatsCountFlushesDurableWritesRetriesAndFailuresByCause(t *testing.T) {
 
 	st := b.Stats()
 	require.Equal(t, writebuf.Stats{
-		Flushes: 4, Durable: 1, Refused: 2, Unknown: 1, TimedOut: 1,
+		Flushes: 5, Durable: 2, Refused: 2, Unknown: 1, TimedOut: 1,
 		Retries: st.Retries, FlushTime: st.FlushTime, LastFlushTime: st.LastFlushTime,
 	}, st)
 	require.GreaterOrEqual(t, st.Retries, int64(2), "the first batch's second attempt, and the last batch's")
