@@ -238,8 +238,8 @@ func (s *sqlSink) deleteSpentOnClose(ctx context.Context) error {
 	if s.c.cfg.versionGuard {
 		pb.Queue("DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($1::uuid[])", s.spent)
 	}
-	if err := s.c.pool.SendBatch(ctx, &pb).Close(); err != nil {
-		return err
+	if err := s.c.pool.SendBatch(ctx, &pb).Close(); err != nil && !isUndefinedTable(err) {
+		return err // (a schema destroyed took its markers with it)
 	}
 	s.spent = nil
 	return nil

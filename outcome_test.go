@@ -1,6 +1,7 @@
 package pgstore_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -311,4 +312,17 @@ func TestCommitMarkersStayBoundedHoweverManyBatches(t *testing.T) {
 		require.Zero(t, count(schema, "pgstore/commits"), "Close deletes what the batches left")
 		require.Zero(t, count(schema, "pgstore/refused"))
 	}
+}
+
+// A connector that destroyed its schema closes without a word about the
+// markers it would have deleted: they went with the schema.
+func TestCloseAfterDestroySchemaWarnsOfNothing(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	var logs bytes.Buffer
+	c := connectSchema(t, pgtest.Schema(t), pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	require.NoError(t, c.Set(ctx, "k/x", 1, "one"))
+	require.NoError(t, c.DestroySchema(ctx, c.Schema()))
+	closeNow(t, c)
+	require.Empty(t, logs.String())
 }
