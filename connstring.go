@@ -1,14 +1,14 @@
 package pgstore
 
 import (
-	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"strings"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgstore/pgstore/internal/connstr"
 )
 
 // parseConnString is pgxpool.ParseConfig, for Connect and Check: its errors
@@ -28,10 +28,10 @@ func parseConnString(connString string) (*pgxpool.Config, error) {
 // connStringError wraps an error of pgxpool.ParseConfig, explaining the
 // cases where pgx's message leaves the fix unclear: a client certificate
 // without its key or the reverse (pgx says only that both are required). Its
-// text leaves out the connection string (see parseErrorText); errors.As still
+// text leaves out the connection string (see connstr.ErrorText); errors.As still
 // finds pgx's error.
 func connStringError(connString string, err error) error {
-	text := parseErrorText(err)
+	text := connstr.ErrorText(err, "cannot parse the connection string: ")
 	if strings.Contains(text, `"sslcert" and "sslkey"`) {
 		cert := connSetting(connString, "sslcert", "PGSSLCERT")
 		key := connSetting(connString, "sslkey", "PGSSLKEY")
@@ -43,24 +43,6 @@ func connStringError(connString string, err error) error {
 		}
 	}
 	return &connStringErr{text: "pgstore: " + text, err: err}
-}
-
-// parseErrorText returns the text of err with the connection string that a
-// pgconn.ParseConfigError quotes left out. pgx masks the passwords it
-// recognises there, but only on a best-effort basis: a password quoted with
-// an escaped quote ('it\'s secret'), escaped spaces or spaces round the "="
-// (password = x) show in clear. The rest of its message quotes no setting's
-// value.
-func parseErrorText(err error) string {
-	text := err.Error()
-	var pce *pgconn.ParseConfigError
-	if !errors.As(err, &pce) {
-		return text
-	}
-	bare := *pce
-	bare.ConnString = ""
-	bareText := strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
-	return strings.Replace(text, pce.Error(), "cannot parse the connection string: "+bareText, 1)
 }
 
 // connStringErr is an error of connStringError: its own text, wrapping pgx's

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/connstr"
 	"github.com/pgstore/pgstore/internal/envflag"
 )
 
@@ -83,7 +84,7 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	}
 	pool, err := pgxpool.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("-url: cannot parse the connection string: %s", envflag.ParseErrorText(err))
+		return nil, fmt.Errorf("-url: cannot parse the connection string: %s", connstr.ErrorText(err, ""))
 	}
 	if pool.MaxConns < 2 {
 		return nil, fmt.Errorf("-url: pool_max_conns=%d; the store and the broker need at least 2", pool.MaxConns)

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/connstr"
 	"github.com/pgstore/pgstore/internal/envflag"
 )
 
@@ -145,9 +146,9 @@ func parseSettings(fs *flag.FlagSet, args []string, lookupEnv func(string) (stri
 	cfg, err := pgxpool.ParseConfig(connString)
 	switch {
 	case err != nil && url != "":
-		return nil, fmt.Errorf("%s: cannot parse the connection string: %s", given["url"], envflag.ParseErrorText(err))
+		return nil, fmt.Errorf("%s: cannot parse the connection string: %s", given["url"], connstr.ErrorText(err, ""))
 	case err != nil:
-		return nil, fmt.Errorf("the -db-* settings: %s", envflag.ParseErrorText(err))
+		return nil, fmt.Errorf("the -db-* settings: %s", connstr.ErrorText(err, ""))
 	}
 	if poolSize > 0 {
 		cfg.MaxConns = int32(poolSize)

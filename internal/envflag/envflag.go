@@ -1,15 +1,10 @@
 // Package envflag gives the example servers' flags environment variables
-// that stand in for them, and explains pgx's connection-string errors
-// without the connection string.
+// that stand in for them.
 package envflag
 
 import (
-	"errors"
 	"flag"
 	"fmt"
-	"strings"
-
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // A Var names the environment variable that stands in for a flag.
@@ -46,19 +41,4 @@ func Parse(fs *flag.FlagSet, args []string, vars []Var, lookupEnv func(string) (
 		given[v.Flag] = v.Env
 	}
 	return given, nil
-}
-
-// ParseErrorText returns the text of an error of pgxpool.ParseConfig without
-// the connection string that pgx quotes: it masks the passwords it recognises
-// there, but only on a best-effort basis, and an escaped quote defeats it.
-func ParseErrorText(err error) string {
-	text := err.Error()
-	var pce *pgconn.ParseConfigError
-	if !errors.As(err, &pce) {
-		return text
-	}
-	bare := *pce
-	bare.ConnString = ""
-	bareText := strings.TrimPrefix(bare.Error(), "cannot parse ``: ")
-	return strings.Replace(text, pce.Error(), bareText, 1)
 }
