@@ -68,13 +68,8 @@ func changeFigures(ctx context.Context, e *env) error {
 			}
 		}
 	}
-	for _, side := range []*changeSide{pg, pgLog, raw} {
-		if len(side.Event) == 0 {
-			return fmt.Errorf("%s: none of %d changes heard", side.Name, e.s.changes)
-		}
-		if side.Lost > 0 {
-			e.rep.Note("change_*: %s lost %d of %d changes (not heard within %v)", side.Name, side.Lost, e.s.changes, changeTimeout)
-		}
+	if err := benchkit.CheckHeard(e.rep, "change_*", "changes", e.s.changes, changeTimeout, pg.Side, pgLog.Side, raw.Side); err != nil {
+		return err
 	}
 	pg50, pg99 := benchkit.Percentiles(pg.Event)
 	raw50, raw99 := benchkit.Percentiles(raw.Event)

@@ -66,6 +66,21 @@ func (s *Side) Sample(ctx context.Context, i int, keep bool, timeout time.Durati
 	return nil
 }
 
+// CheckHeard ends a latency figure's sampling: it is an error if a side
+// heard none of its n samples, and rep gets a note for each side that lost
+// some. figure and what name them in the note ("latency", "publications").
+func CheckHeard(rep *Report, figure, what string, n int, timeout time.Duration, sides ...*Side) error {
+	for _, side := range sides {
+		if len(side.Event) == 0 {
+			return fmt.Errorf("%s: none of %d %s heard", side.Name, n, what)
+		}
+		if side.Lost > 0 {
+			rep.Note("%s: %s lost %d of %d %s (not heard within %v)", figure, side.Name, side.Lost, n, what, timeout)
+		}
+	}
+	return nil
+}
+
 // Concurrently calls f for 0..n-1 from g goroutines, goroutine w taking
 // every g-th i from w, and returns the calls per second. The first error
 // cancels the context of the others' calls and is the one returned.

@@ -58,3 +58,16 @@ func TestSampleKeepsWhatItIsToldToAndCountsTheUnheard(t *testing.T) {
 	s.Write = func(context.Context, int) error { return errors.New("refused") }
 	require.EqualError(t, s.Sample(ctx, 4, true, time.Minute), "side: refused")
 }
+
+// A side that heard nothing ends the figure with an error; one that lost some
+// samples gets a note, and the figure goes on.
+func TestCheckHeardFailsOnASideThatHeardNothingAndNotesLosses(t *testing.T) {
+	rep := &Report{}
+	lossy := &Side{Name: "lossy", Event: []time.Duration{time.Millisecond}, Lost: 2}
+	whole := &Side{Name: "whole", Event: []time.Duration{time.Millisecond}}
+	require.NoError(t, CheckHeard(rep, "latency", "publications", 3, time.Second, lossy, whole))
+	require.Equal(t, []string{"latency: lossy lost 2 of 3 publications (not heard within 1s)"}, rep.notes)
+
+	deaf := &Side{Name: "deaf"}
+	require.EqualError(t, CheckHeard(rep, "latency", "publications", 3, time.Second, whole, deaf), "deaf: none of 3 publications heard")
+}

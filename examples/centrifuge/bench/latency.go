@@ -72,13 +72,8 @@ func latencyFigures(ctx context.Context, e *env) error {
 			}
 		}
 	}
-	for _, side := range sides {
-		if len(side.Event) == 0 {
-			return fmt.Errorf("%s: none of %d publications heard", side.Name, e.s.samples)
-		}
-		if side.Lost > 0 {
-			e.rep.Note("latency: %s lost %d of %d publications (not heard within %v)", side.Name, side.Lost, e.s.samples, latencyTimeout)
-		}
+	if err := benchkit.CheckHeard(e.rep, "latency", "publications", e.s.samples, latencyTimeout, sides...); err != nil {
+		return err
 	}
 	own50, own99 := benchkit.Percentiles(own.Event)
 	other50, other99 := benchkit.Percentiles(other.Event)
