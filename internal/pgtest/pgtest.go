@@ -116,14 +116,17 @@ func startContainer() (u string, err error) {
 // Schema returns a new schema name, unique to the test, and drops the schema
 // (with everything in it) when the test ends. The schema itself is not
 // created.
-func Schema(t testing.TB) string {
+func Schema(t testing.TB) string { return SchemaWithPrefix(t, "pgstore_test_") }
+
+// SchemaWithPrefix is Schema, the name starting with prefix instead.
+func SchemaWithPrefix(t testing.TB, prefix string) string {
 	t.Helper()
 	u := URL(t)
 	var b [6]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		t.Fatal(err)
 	}
-	name := "pgstore_test_" + hex.EncodeToString(b[:])
+	name := prefix + hex.EncodeToString(b[:])
 	t.Cleanup(func() { DropSchema(t, u, name) })
 	return name
 }
@@ -131,17 +134,23 @@ func Schema(t testing.TB) string {
 // DropSchema drops a schema and all it holds, if it exists.
 func DropSchema(t testing.TB, u, name string) {
 	t.Helper()
+	if err := Drop(u, name); err != nil {
+		t.Errorf("drop schema %q: %v", name, err)
+	}
+}
+
+// Drop is DropSchema for a caller without a test: a TestMain, once the
+// tests have ended.
+func Drop(u, name string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, u)
 	if err != nil {
-		t.Errorf("drop schema %q: %v", name, err)
-		return
+		return err
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{name}.Sanitize()+" CASCADE"); err != nil {
-		t.Errorf("drop schema %q: %v", name, err)
-	}
+	_, err = conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{name}.Sanitize()+" CASCADE")
+	return err
 }
 
 // Pool returns a pool on the test server, closed when the test ends.

@@ -6,16 +6,12 @@
 package cftest
 
 import (
-	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"go.uber.org/goleak"
 
 	"github.com/pgstore/pgstore/internal/pgtest"
@@ -37,36 +33,16 @@ func SkipOrFail(t testing.TB, msg string) {
 var schemas sync.Map
 
 // Schema names a schema of the test's own, prefix followed by random hex,
-// and drops it with all it holds when the test ends. The schema itself is
-// not created: the code under test does that.
+// and drops it with all it holds when the test ends (see
+// pgtest.SchemaWithPrefix). The schema itself is not created: the code
+// under test does that.
 func Schema(t testing.TB, prefix string) string {
 	t.Helper()
-	url := pgtest.URL(t)
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	schema := prefix + hex.EncodeToString(b[:])
-	schemas.Store(schema, url)
-	t.Cleanup(func() {
-		if err := DropSchema(url, schema); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-		schemas.Delete(schema)
-	})
+	var schema string
+	t.Cleanup(func() { schemas.Delete(schema) }) // after the drop: cleanups run last first
+	schema = pgtest.SchemaWithPrefix(t, prefix)
+	schemas.Store(schema, pgtest.URL(t))
 	return schema
-}
-
-// DropSchema drops a schema and all it holds, if it exists. It takes no
-// testing.TB because Main calls it after the tests have ended.
-func DropSchema(url, schema string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
-	return err
 }
 
 // Main is a TestMain: it runs the tests, drops the schemas of Schema that
@@ -75,7 +51,7 @@ func DropSchema(url, schema string) error {
 func Main(m *testing.M, leakWait time.Duration) {
 	code := m.Run()
 	schemas.Range(func(k, v any) bool {
-		if err := DropSchema(v.(string), k.(string)); err != nil {
+		if err := pgtest.Drop(v.(string), k.(string)); err != nil {
 			fmt.Fprintf(os.Stderr, "drop schema %s: %v\n", k, err)
 			code = 1
 		}
