@@ -343,7 +343,7 @@ type logHeadRow struct {
 	position int64
 	dropped  int64
 	now      time.Time
-	skew     time.Duration // how far the client's clock is ahead, set by readLog
+	skew     time.Duration // how far the client's clock is ahead, as readLog measures it
 }
 
 func readHead(ctx context.Context, q interface {

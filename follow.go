@@ -258,7 +258,11 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 	var page []logEntry
 	var pb pgx.Batch
 	pb.Queue(readHeadGenericSQL(schema)).QueryRow(func(row pgx.Row) error {
-		return row.Scan(head.scan()...)
+		err := row.Scan(head.scan()...)
+		// Here, before the page is read: its transfer is no part of the
+		// difference between the clocks.
+		head.skew = time.Since(head.now)
+		return err
 	})
 	pb.Queue(readPageSQL(schema), pos, limit).Query(func(rows pgx.Rows) error {
 		// As many as the head, read just before, says there are: a reader
@@ -282,7 +286,6 @@ func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit
 	if err := c.pool.SendBatch(ctx, &pb).Close(); err != nil {
 		return nil, head, err
 	}
-	head.skew = time.Since(head.now)
 	if pos < head.dropped {
 		return nil, head, nil // expired: what was read may not follow pos
 	}

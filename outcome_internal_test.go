@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -138,4 +139,26 @@ func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
 	require.NoError(t, conn.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&after))
 	require.Equal(t, "force_generic_plan", during, "for the page's statement, after the head's in the batch")
 	require.Equal(t, before, after)
+}
+
+// readLog measures how far the client's clock is ahead of the server's: on
+// one machine, where the two clocks are one, that is not negative and no
+// more than the read took.
+func TestAReadOfTheLogMeasuresTheClocksDifferenceBeforeItsPage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)), WithChangeLog(time.Hour))
+	require.NoError(t, err)
+	defer c.Close(context.Background())
+	big := strings.Repeat("x", 1<<20)
+	for i := range 8 {
+		require.NoError(t, c.Set(ctx, fmt.Sprintf("t/k%d", i), 1, big))
+	}
+	start := time.Now()
+	page, head, err := c.readLog(ctx, c.cfg.schema, 0, logPageEntries)
+	took := time.Since(start)
+	require.NoError(t, err)
+	require.NotEmpty(t, page)
+	require.GreaterOrEqual(t, head.skew, -50*time.Millisecond, "the server's clock is this machine's")
+	require.LessOrEqual(t, head.skew, took, "measured within the read")
 }
