@@ -3,14 +3,14 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // A rawTechnique is a way to upsert records with plain pgx, on one
@@ -116,26 +116,12 @@ func (c *store) setAsyncAll(ctx context.Context, keys []string, vals []json.RawM
 // setConcurrent writes every record with Set from g goroutines, each taking
 // every g-th record. It returns the records per second and per flush.
 func (c *store) setConcurrent(ctx context.Context, g int, keys []string, vals []json.RawMessage, version int64) (rate, perFlush float64, err error) {
-	var wg sync.WaitGroup
-	errs := make([]error, g)
 	flushes := c.batches.n.Load()
-	start := time.Now()
-	for w := range g {
-		wg.Go(func() {
-			for i := w; i < len(keys); i += g {
-				if err := c.Set(ctx, keys[i], version, vals[i]); err != nil {
-					errs[w] = fmt.Errorf("pgstore: %w", err)
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	rate = float64(len(keys)) / time.Since(start).Seconds()
-	for _, err := range errs {
-		if err != nil {
-			return 0, 0, err
-		}
+	rate, err = benchkit.Concurrently(ctx, g, len(keys), func(ctx context.Context, i int) error {
+		return c.Set(ctx, keys[i], version, vals[i])
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("pgstore: %w", err)
 	}
 	return rate, float64(len(keys)) / float64(c.batches.n.Load()-flushes), nil
 }
@@ -410,20 +396,8 @@ func concurrentFigure(ctx context.Context, e *env) error {
 func rawConcurrent(ctx context.Context, pool *pgxpool.Pool, table string, g int, ids []string, vals []json.RawMessage, version int64) (float64, error) {
 	sql := "INSERT INTO " + table + " AS t (id, version, val) VALUES ($1, $2, $3)" +
 		" ON CONFLICT (id) DO UPDATE SET version = excluded.version, val = excluded.val"
-	var wg sync.WaitGroup
-	errs := make([]error, g)
-	start := time.Now()
-	for w := range g {
-		wg.Go(func() {
-			for i := w; i < len(ids); i += g {
-				if _, err := pool.Exec(ctx, sql, ids[i], version, vals[i]); err != nil {
-					errs[w] = err
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	rate := float64(len(ids)) / time.Since(start).Seconds()
-	return rate, errors.Join(errs...)
+	return benchkit.Concurrently(ctx, g, len(ids), func(ctx context.Context, i int) error {
+		_, err := pool.Exec(ctx, sql, ids[i], version, vals[i])
+		return err
+	})
 }
