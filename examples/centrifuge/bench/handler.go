@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/centrifugal/centrifuge"
+
+	"github.com/pgstore/pgstore/internal/benchkit"
 )
 
 // A handler is a node's centrifuge.BrokerEventHandler: it counts the
@@ -16,27 +18,22 @@ type handler struct {
 	counts map[string]int
 	more   chan struct{} // a publication was counted
 
-	// watched is the channel whose publication with data want is reported
-	// on heard, with the time it arrived.
+	// watched is the channel whose publication with data want side hears.
 	watched string
 	want    atomic.Pointer[string]
-	heard   chan time.Time
+	side    *benchkit.Side
 }
 
 var _ centrifuge.BrokerEventHandler = (*handler)(nil)
 
 func newHandler(watched string) *handler {
-	return &handler{counts: make(map[string]int), more: make(chan struct{}, 1), watched: watched, heard: make(chan time.Time, 1)}
+	return &handler{counts: make(map[string]int), more: make(chan struct{}, 1), watched: watched, side: benchkit.NewSide(watched)}
 }
 
 func (h *handler) HandlePublication(ch string, pub *centrifuge.Publication, _ centrifuge.StreamPosition, _ bool, _ *centrifuge.Publication) error {
-	at := time.Now()
 	if ch == h.watched {
 		if w := h.want.Load(); w != nil && string(pub.Data) == *w {
-			select {
-			case h.heard <- at:
-			default:
-			}
+			h.side.Hear()
 		}
 		return nil
 	}

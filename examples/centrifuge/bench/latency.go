@@ -46,13 +46,15 @@ func latencyFigures(ctx context.Context, e *env) error {
 	defer mem.Close(context.Background())
 	data := func(i int) []byte { return benchkit.AppendValue(nil, i, 1, e.s.valueBytes) }
 	publishSide := func(name string, broker centrifuge.MapBroker, ch string, h *handler) *benchkit.Side {
-		return &benchkit.Side{Name: name, Heard: h.heard, Write: func(ctx context.Context, i int) error {
+		h.side.Name = name
+		h.side.Write = func(ctx context.Context, i int) error {
 			d := data(i)
 			w := string(d)
 			h.want.Store(&w)
 			_, err := broker.Publish(ctx, ch, key, centrifuge.MapPublishOptions{Data: d})
 			return err
-		}}
+		}
+		return h.side
 	}
 	own := publishSide("pgstore broker", a.broker, "lat", a.handler)
 	other := publishSide("pgstore broker, other node", a.broker, "lat_b", b.handler)
