@@ -168,9 +168,7 @@ func TestNewLeavesTheCallersPoolOpenAfterClose(t *testing.T) {
 func TestAPoolOfOneConnectionIsEnough(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	c, err := pgstore.Connect(ctx, withParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgstore.WithSchema(pgtest.Schema(t)), pgstore.WithLogger(testLogger(t)))
-	require.NoError(t, err)
-	defer func() { require.NoError(t, c.Close(ctx)) }()
+	c := connectURL(t, withParam(t, pgtest.URL(t), "pool_max_conns", "1"), pgtest.Schema(t))
 
 	var results []*pgstore.Result
 	for i := range 50 {
@@ -834,10 +832,7 @@ func TestConnectedSessionsNameThemselvesPgstoreUnlessTheConnectionStringSays(t *
 	}
 	require.Equal(t, pgstore.DefaultApplicationName, name(connect(t)))
 
-	c, err := pgstore.Connect(ctx, withParam(t, pgtest.URL(t), "application_name", "node-7"), pgstore.WithSchema(pgtest.Schema(t)))
-	require.NoError(t, err)
-	defer c.Close(ctx)
-	require.Equal(t, "node-7", name(c))
+	require.Equal(t, "node-7", name(connectURL(t, withParam(t, pgtest.URL(t), "application_name", "node-7"), pgtest.Schema(t))))
 }
 
 func TestATablePolicyThatWritesToANewTableIsToldSoInsteadOfWaitingForItself(t *testing.T) {

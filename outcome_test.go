@@ -31,7 +31,7 @@ func connectThroughProxy(t *testing.T, opts ...pgstore.Option) (*pgstore.Connect
 	schema := pgtest.Schema(t)
 	opts = append([]pgstore.Option{pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t)),
 		pgstore.WithMinAttempt(300 * time.Millisecond), pgstore.WithRetryTimeout(3 * time.Second)}, opts...)
-	c, err := pgstore.Connect(ctx, url+"&pool_max_conns=2", opts...)
+	c, err := pgstore.Connect(ctx, withParam(t, url, "pool_max_conns", "2"), opts...)
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		proxy.Restore()

@@ -107,7 +107,7 @@ func TestAClientThatDoesNotReadIsDisconnectedWith1008(t *testing.T) {
 	}
 
 	// The reading client stays connected and gets every record written.
-	wg.Wait()
+	waitGroup(t, &wg, "the writers")
 	want := 0
 	for w := range writers {
 		if errs[w] != nil {
