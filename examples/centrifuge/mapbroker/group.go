@@ -299,8 +299,12 @@ func (b *Broker) runGroup(ch string, group []*queuedChange) {
 		var pgErr *pgconn.PgError
 		switch {
 		case err == nil:
-			if n := int64(len(group)); n > b.queues.largest.Load() {
-				b.queues.largest.Store(n)
+			// The most of any group, whichever channel's commits first.
+			n := int64(len(group))
+			for was := b.queues.largest.Load(); n > was; was = b.queues.largest.Load() {
+				if b.queues.largest.CompareAndSwap(was, n) {
+					break
+				}
 			}
 		case errors.As(err, &pgErr) || pgconn.SafeToRetry(err):
 			b.queues.failed.Add(1)
