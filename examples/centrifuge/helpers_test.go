@@ -24,9 +24,6 @@ import (
 // generous because the machine may be busy with other tests.
 const waitTimeout = 30 * time.Second
 
-// testURL is cftest's, under the name the tests use.
-var testURL = pgtest.URL
-
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
@@ -48,7 +45,7 @@ func startNode(t testing.TB, schema string, cfg Config) *node {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	pcfg, err := pgxpool.ParseConfig(testURL(t))
+	pcfg, err := pgxpool.ParseConfig(pgtest.URL(t))
 	if err != nil {
 		t.Fatal(err)
 	}

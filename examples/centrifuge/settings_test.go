@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 func parse(args []string, env map[string]string) (*settings, error) {
@@ -99,7 +100,7 @@ func TestInvalidSettingsAreRefusedAndSayWhy(t *testing.T) {
 func TestRunServesThePageUntilStopped(t *testing.T) {
 	t.Parallel()
 	schema := newSchema(t)
-	s, err := parse([]string{"-addr", "127.0.0.1:0", "-url", testURL(t), "-schema", schema}, nil)
+	s, err := parse([]string{"-addr", "127.0.0.1:0", "-url", pgtest.URL(t), "-schema", schema}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,9 +17,6 @@ import (
 	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
-// testURL is cftest's, under the name the tests use.
-var testURL = pgtest.URL
-
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
@@ -132,7 +129,7 @@ type node struct {
 func newStore(t testing.TB, schema string, opts ...pgstore.Option) (*pgstore.Connector, *pgxpool.Pool) {
 	t.Helper()
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testURL(t))
+	pool, err := pgxpool.New(ctx, pgtest.URL(t))
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
 	opts = append([]pgstore.Option{pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Minute), pgstore.WithLogger(quietLogger())}, opts...)

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
+	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // The tests of this file are of what pgstore's broker does where the memory
@@ -130,7 +131,7 @@ func TestNewNeedsTheChangeLog(t *testing.T) {
 	t.Parallel()
 	schema := newSchema(t)
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testURL(t))
+	pool, err := pgxpool.New(ctx, pgtest.URL(t))
 	require.NoError(t, err)
 	defer pool.Close()
 	store, err := pgstore.New(ctx, pool, pgstore.WithSchema(schema), pgstore.WithLogger(quietLogger()))
@@ -253,7 +254,7 @@ func (c *commitCanceller) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQue
 func TestACommitIsNotCutShortByTheCaller(t *testing.T) {
 	t.Parallel()
 	schema := newSchema(t)
-	cfg, err := pgxpool.ParseConfig(testURL(t))
+	cfg, err := pgxpool.ParseConfig(pgtest.URL(t))
 	require.NoError(t, err)
 	tracer := &commitCanceller{}
 	cfg.ConnConfig.Tracer = tracer
