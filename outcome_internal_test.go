@@ -13,14 +13,18 @@ import (
 	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
-func newTestSink(t *testing.T) *sqlSink {
+func newTestSink(t *testing.T) *sqlSink { return newTestConnector(t).sink }
+
+// newTestConnector connects to a schema of the test's own, closed when the
+// test ends.
+func newTestConnector(t *testing.T, opts ...Option) *Connector {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
-	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)))
+	c, err := Connect(ctx, pgtest.URL(t), append([]Option{WithSchema(pgtest.Schema(t))}, opts...)...)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Close(context.Background()) })
-	return c.sink
+	return c
 }
 
 func claim(t *testing.T, s *sqlSink, a lostAttempt) bool {
@@ -123,9 +127,7 @@ func TestAnEntrysTimeIsToldInTheClientsClock(t *testing.T) {
 func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)), WithChangeLog(time.Hour))
-	require.NoError(t, err)
-	defer c.Close(context.Background())
+	c := newTestConnector(t, WithChangeLog(time.Hour))
 	conn, err := c.pool.Acquire(ctx)
 	require.NoError(t, err)
 	defer conn.Release()
@@ -147,9 +149,7 @@ func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
 func TestAReadOfTheLogMeasuresTheClocksDifferenceBeforeItsPage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	c, err := Connect(ctx, pgtest.URL(t), WithSchema(pgtest.Schema(t)), WithChangeLog(time.Hour))
-	require.NoError(t, err)
-	defer c.Close(context.Background())
+	c := newTestConnector(t, WithChangeLog(time.Hour))
 	big := strings.Repeat("x", 1<<20)
 	for i := range 8 {
 		require.NoError(t, c.Set(ctx, fmt.Sprintf("t/k%d", i), 1, big))
