@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -15,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // The change log is the durable change feed: the triggers of the record
@@ -240,6 +242,23 @@ func readLogState(ctx context.Context, q interface {
 	return logStarting, nil
 }
 
+// switchLogOn finishes the switch of a schema to its change log, made over
+// existing tables: every table gets the log's triggers beside its NOTIFY
+// ones, the log goes on, the NOTIFY feed's subscriptions (on every node) are
+// told to switch to it, and then the NOTIFY triggers go.
+func switchLogOn(ctx context.Context, pool *pgxpool.Pool, schema string, events eventSet) error {
+	if err := syncTriggers(ctx, pool, schema, events, logStarting); err != nil {
+		return err
+	}
+	if _, err := activateLog(ctx, pool, schema); err != nil {
+		return err
+	}
+	if err := syncTriggers(ctx, pool, schema, events, logOn); err != nil {
+		return fmt.Errorf("remove the NOTIFY triggers, now that the change log is on: %w", err)
+	}
+	return nil
+}
+
 // activateLog marks the schema's log on, and tells the NOTIFY feed's
 // subscriptions in the same transaction, once every table appends to it.
 // It reports whether this call switched it on.
@@ -259,38 +278,101 @@ func activateLog(ctx context.Context, db beginner, schema string) (bool, error) 
 	return switched, err
 }
 
-// prepareLog creates the schema's log if it has none, or records the
-// retention asked for. The caller holds the schema's DDL lock.
-func prepareLog(ctx context.Context, tx pgx.Tx, schema string, retention time.Duration) error {
-	state, err := readLogState(ctx, tx, schema)
-	if err != nil || state != logNone {
-		if err == nil {
-			_, err = tx.Exec(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET retention = "+intervalLiteral(retention)+
-				" WHERE retention <> "+intervalLiteral(retention))
-		}
-		return err
-	}
-	for _, stmt := range createLogSQL(schema, retention) {
-		if _, err := tx.Exec(ctx, stmt); err != nil {
-			return fmt.Errorf("create the change log of %q: %w", schema, err)
-		}
-	}
-	return nil
+// A logChoice is what a connector asks of its schema's change log.
+type logChoice struct {
+	retention time.Duration // WithChangeLog's, recorded in the schema; 0 if not given
+	off       bool          // WithoutChangeLog
 }
 
-// WithChangeLog turns the schema's change log on: the durable change feed,
-// from which subscriptions read at their own pace and resume from a cursor
-// (see Subscribe and After). Entries are kept for at least one and a half
-// times retention, and dropped after about twice it while a connector runs.
-// The log is a setting of the schema, not of the connector: once on, every connector on the schema writes to it and reads from it,
-// with this option or without; a connector given the option records its
-// retention. retention must be at least a minute.
+// prepareLog carries out a connector's choice for the schema's change log,
+// and reports where the schema then stands with it. Without WithChangeLog or
+// WithoutChangeLog, a schema that has no log gets one, with
+// DefaultChangeLogRetention, unless WithoutChangeLog was recorded in it. A
+// log made in a schema without record tables is on at once: there is no
+// table to bring in line. The caller holds the schema's DDL lock.
+func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice) (logState, error) {
+	state, err := readLogState(ctx, tx, schema)
+	if err != nil {
+		return logNone, err
+	}
+	settings := pgx.Identifier{schema, settingsTable}.Sanitize()
+	if choice.off {
+		if state != logNone {
+			return state, nil // switched on by another connector: followed (Connect refuses it)
+		}
+		_, err := tx.Exec(ctx, "INSERT INTO "+settings+" AS s (one, change_log_off) VALUES (true, true) ON CONFLICT (one) DO UPDATE SET change_log_off = true")
+		return logNone, err
+	}
+	head := pgx.Identifier{schema, logHead}.Sanitize()
+	if state != logNone {
+		if choice.retention > 0 {
+			_, err = tx.Exec(ctx, "UPDATE "+head+" SET retention = "+intervalLiteral(choice.retention)+
+				" WHERE retention <> "+intervalLiteral(choice.retention))
+		}
+		return state, err
+	}
+	if choice.retention == 0 {
+		var off bool
+		err := tx.QueryRow(ctx, "SELECT change_log_off FROM "+settings).Scan(&off)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return logNone, err
+		}
+		if off {
+			return logNone, nil
+		}
+	}
+	retention := cmp.Or(choice.retention, DefaultChangeLogRetention)
+	for _, stmt := range createLogSQL(schema, retention) {
+		if _, err := tx.Exec(ctx, stmt); err != nil {
+			return logNone, fmt.Errorf("create the change log of %q: %w", schema, err)
+		}
+	}
+	if _, err := tx.Exec(ctx, "UPDATE "+settings+" SET change_log_off = false WHERE change_log_off"); err != nil {
+		return logNone, err
+	}
+	var tables bool
+	if err := tx.QueryRow(ctx, "SELECT EXISTS ("+listTablesSQL+")", schema).Scan(&tables); err != nil {
+		return logNone, err
+	}
+	if tables {
+		return logStarting, nil // the connector brings them in line
+	}
+	if _, err := tx.Exec(ctx, "UPDATE "+head+" SET active = true"); err != nil {
+		return logNone, err
+	}
+	return logOn, announceLog(ctx, tx, schema)
+}
+
+// WithChangeLog sets the retention of the schema's change log, and turns the
+// log on if the schema has none. The log is the durable change feed, from
+// which subscriptions read at their own pace and resume from a cursor (see
+// Subscribe and After). Entries are kept for at least one and a half times
+// retention, and dropped after about twice it while a connector runs.
+//
+// The log is a setting of the schema, not of the connector. Without this
+// option, a connector follows what the schema records: it uses the schema's
+// log, keeps the NOTIFY feed where WithoutChangeLog was recorded, and
+// otherwise makes a log with DefaultChangeLogRetention. A connector given
+// the option records its retention. retention must be at least a minute.
 func WithChangeLog(retention time.Duration) Option {
 	return func(c *config) error {
 		if retention < time.Minute {
 			return fmt.Errorf("WithChangeLog: retention must be at least 1m, got %v", retention)
 		}
-		c.changeLog = retention
+		c.changeLog = logChoice{retention: retention}
+		return nil
+	}
+}
+
+// WithoutChangeLog keeps a schema without a change log: its subscriptions
+// get the NOTIFY feed, whose events carry no Value or Cursor and which tells
+// of a loss with a Resync (see Subscribe). The choice is recorded in the
+// schema, so that connectors without WithChangeLog keep the feed too; one
+// with WithChangeLog still turns the log on. A change log cannot be switched
+// off: on a schema that has one, Connect and New fail.
+func WithoutChangeLog() Option {
+	return func(c *config) error {
+		c.changeLog = logChoice{off: true}
 		return nil
 	}
 }

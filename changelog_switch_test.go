@@ -33,7 +33,7 @@ func TestASwitchToTheLogThatStopsHalfwayLosesNothing(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	plain := connectSchema(t, schema)
+	plain := connectSchema(t, schema, pgstore.WithoutChangeLog())
 	require.NoError(t, plain.Set(ctx, "t/a", 1, 1))
 
 	// A reader of t keeps the switch from dropping t's NOTIFY triggers:
@@ -49,29 +49,28 @@ func TestASwitchToTheLogThatStopsHalfwayLosesNothing(t *testing.T) {
 	require.Error(t, err)
 	require.NoError(t, blocker.Rollback(ctx))
 
+	// The next connector that does not refuse the log, with WithChangeLog
+	// or without, finishes the switch.
 	reader := connectSchema(t, schema)
+	require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
+		tableTriggers(t, pool, schema, "t"))
 	got := newEventLog()
 	sub, err := reader.Subscribe(ctx, got.handle)
 	require.NoError(t, err)
 	defer sub.Close(context.Background())
 	require.NoError(t, plain.Set(ctx, "t/b", 1, 2))
 	waitForEvent(t, got, func(e pgstore.Event) bool { return e.Key == "t/b" && e.Cursor != "" })
-
-	// Another connector with the option finishes the switch.
-	connectSchema(t, schema, pgstore.WithChangeLog(time.Hour))
-	require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
-		tableTriggers(t, pool, schema, "t"))
 }
 
 func TestAChangeDuringTheSwitchReachesASubscriptionMadeMeanwhile(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	plain := connectSchema(t, schema)
+	plain := connectSchema(t, schema, pgstore.WithoutChangeLog())
 	for _, k := range []string{"a/1", "b/1", "c/1"} {
 		require.NoError(t, plain.Set(ctx, k, 1, 1))
 	}
-	reader := connectSchema(t, schema)
+	reader := connectSchema(t, schema) // follows the schema: no log yet
 	admin := pgtest.Pool(t)
 	blocker, err := admin.Begin(ctx)
 	require.NoError(t, err)
@@ -110,7 +109,7 @@ func TestANotifySubscriptionThatMissedTheSwitchFindsTheLogWhenItReconnects(t *te
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
 	proxy, u := pgtest.NewProxy(t)
-	node, err := pgstore.Connect(ctx, u, pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t)))
+	node, err := pgstore.Connect(ctx, u, pgstore.WithSchema(schema), pgstore.WithLogger(testLogger(t)), pgstore.WithoutChangeLog())
 	require.NoError(t, err)
 	t.Cleanup(func() { proxy.Restore(); _ = node.Close(context.Background()) })
 	require.NoError(t, node.Set(ctx, "t/a", 1, 1))

@@ -468,11 +468,18 @@ func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	}
 	switch state {
 	case logNone:
-		r.add(name, true, "none: the feed is NOTIFY payloads, and a lost LISTEN connection costs subscribers a Resync (WithChangeLog turns the log on)", "")
+		var off bool
+		// A schema made before the choice was recorded has no column for it.
+		_ = c.pool.QueryRow(ctx, "SELECT change_log_off FROM "+pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&off)
+		if off {
+			r.add(name, true, "none, as WithoutChangeLog recorded: the feed is NOTIFY payloads, and a lost LISTEN connection costs subscribers a Resync (WithChangeLog turns the log on)", "")
+		} else {
+			r.add(name, true, "none yet: the next connector on the schema without WithoutChangeLog makes one", "")
+		}
 		return nil
 	case logStarting:
-		r.add(name, false, "being switched on, and not yet on: a connector with WithChangeLog stopped before every table appended to it; the NOTIFY feed still serves",
-			"start a connector with WithChangeLog on the schema again: it finishes the switch")
+		r.add(name, false, "being switched on, and not yet on: a connector stopped before every table appended to it; the NOTIFY feed still serves",
+			"start a connector on the schema again, without WithoutChangeLog: it finishes the switch")
 		return nil
 	}
 	var (

@@ -102,7 +102,7 @@ func TestCheckSuperuser(t *testing.T) {
 	require.Equal(t, chkQueryString(t, "SELECT current_setting('server_version')"), report.ServerVersion)
 	require.Equal(t, chkQueryString(t, "SELECT current_user"), report.User)
 	require.Equal(t, chkQueryString(t, "SELECT current_database()"), report.Database)
-	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 4 pgstore tables") // a record table, the markers' two and the settings
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 11 pgstore tables") // a record table, the markers' two, the settings and the log's seven
 	require.Contains(t, report.String(), "all 11 checks passed")
 
 	// A pool of one connection is enough: the LISTEN connection leaves the
@@ -167,7 +167,7 @@ func TestCheckLeastPrivilege(t *testing.T) {
 	report, err = c.Check(ctx)
 	require.NoError(t, err)
 	require.True(t, report.OK(), report.String())
-	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 4 pgstore tables") // a record table, the markers' two and the settings
+	require.Contains(t, chkFind(t, report, "table ownership").Detail, "owns the 11 pgstore tables") // a record table, the markers' two, the settings and the log's seven
 }
 
 // TestCheckRevokedGrants revokes the schema grants from a role that pgstore
@@ -188,7 +188,7 @@ func TestCheckRevokedGrants(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, report.OK(), report.String())
 	failed := chkFailed(report)
-	require.Equal(t, []string{"schema privileges"}, chkNames(pgstore.Report{Checks: failed}), report.String())
+	require.Equal(t, []string{"schema privileges", "change log"}, chkNames(pgstore.Report{Checks: failed}), report.String())
 	require.Contains(t, failed[0].Detail, "lacks USAGE and CREATE on schema")
 	require.Equal(t, fmt.Sprintf("GRANT USAGE, CREATE ON SCHEMA %s TO %s;", pgx.Identifier{schema}.Sanitize(), pgx.Identifier{role}.Sanitize()), failed[0].Fix)
 	require.Contains(t, report.String(), "fix: GRANT USAGE, CREATE ON SCHEMA")
@@ -218,7 +218,8 @@ func TestCheckFixes(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	admin := connectURL(t, pgtest.URL(t), schema)
+	// Without a change log, whose own fixes are the next test's.
+	admin := connectURL(t, pgtest.URL(t), schema, pgstore.WithoutChangeLog())
 	require.NoError(t, admin.Set(ctx, "cars/bmw", 1, 1))
 	require.NoError(t, admin.Set(ctx, `we"ird/1`, 1, 1))
 	chkAdmin(t, "REVOKE EXECUTE ON FUNCTION "+pgx.Identifier{schema, "pgstore_notify_v1"}.Sanitize()+"() FROM PUBLIC")
@@ -253,10 +254,7 @@ func TestCheckNamesTheChangeLogsFunctionsARoleMayNotExecute(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	connectURL(t, pgtest.URL(t), schema) // makes the schema
-	admin, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Hour))
-	require.NoError(t, err)
-	require.NoError(t, admin.Close(ctx))
+	connectURL(t, pgtest.URL(t), schema) // makes the schema, with its change log
 	s := pgx.Identifier{schema}.Sanitize()
 	chkAdmin(t, "REVOKE EXECUTE ON FUNCTION "+s+".pgstore_log_v1(), "+s+".pgstore_log_lock_v1() FROM PUBLIC")
 	role, roleURL := chkRole(t, schema, "GRANT CONNECT ON DATABASE %[1]s TO %[2]s", "GRANT USAGE, CREATE ON SCHEMA %[3]s TO %[2]s")

@@ -197,24 +197,24 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w%s", cfg.schema, err, privilegeFixes(ctx, pool, cfg, err))
 	}
+	if cfg.changeLog.off && state != logNone {
+		return nil, fmt.Errorf("pgstore: WithoutChangeLog: schema %q has a change log, and a change log cannot be switched off (DestroySchema removes it with the schema)", cfg.schema)
+	}
 	cfg.events = events // the schema's, as WithEvents last recorded them
-	if cfg.eventsChosen || cfg.changeLog > 0 {
+	// A connector that chose nothing follows the schema, and with a log
+	// on, finishes a switch that stopped before every NOTIFY trigger went.
+	if (cfg.eventsChosen || cfg.changeLog.retention > 0 || state == logOn) && state != logStarting {
 		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
-	if cfg.changeLog > 0 && state == logStarting {
-		// Every table appends to the log now (and still notifies): the
-		// log goes on, the NOTIFY feed's subscriptions, on nodes started
-		// before, are told to switch to it, and then the NOTIFY triggers
-		// go.
-		if _, err := activateLog(ctx, pool, cfg.schema); err != nil {
+	if state == logStarting {
+		// A log was made over existing tables, here or by a connector
+		// that has not finished (or ended before it did): finish.
+		if err := switchLogOn(ctx, pool, cfg.schema, cfg.events); err != nil {
 			return nil, fmt.Errorf("pgstore: switch the change log of schema %q on: %w", cfg.schema, err)
 		}
 		state = logOn
-		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
-			return nil, fmt.Errorf("pgstore: remove the NOTIFY triggers of schema %q, now that its change log is on: %w", cfg.schema, err)
-		}
 	}
 	logged := state != logNone
 	c := &Connector{
@@ -250,7 +250,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 	janitorCtx, stopJanitor := context.WithCancel(context.Background())
 	c.stopJanitor = stopJanitor
 	c.janitorDone = make(chan struct{})
-	go c.janitorLoop(janitorCtx, janitorInterval(cfg.changeLog))
+	go c.janitorLoop(janitorCtx, janitorInterval(cfg.changeLog.retention))
 	c.listenerDone = make(chan struct{})
 	c.sink = &sqlSink{c: c}
 	c.buf = writebuf.New(writebuf.Config{
@@ -265,6 +265,20 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		Observe:      observeFlushes(cfg.tracer, cfg.schema),
 	}, c.sink)
 	return c, nil
+}
+
+// prepareAgain makes the connector's schema again, as Connect made it, after
+// it was dropped behind the connector's back (or by DestroySchema).
+func (c *Connector) prepareAgain(ctx context.Context) error {
+	state, events, err := prepareSchema(ctx, c.pool, c.cfg.schema, c.cfg.changeLog, nil, c.cfg.events)
+	if err == nil && state == logStarting {
+		err = switchLogOn(ctx, c.pool, c.cfg.schema, events)
+	}
+	if err != nil {
+		return err
+	}
+	c.logged.Store(state != logNone)
+	return nil
 }
 
 // Close flushes every accepted write, ends the subscriptions, waits for the

@@ -1117,6 +1117,34 @@ func ExampleWithChangeLog() {
 	// UPDATE cars/bmw 3 {"hp": 310, "model": "bmw"}
 }
 
+// A schema that keeps the NOTIFY feed: its events say what changed, without
+// the value, and a lost LISTEN connection costs a Resync. Connectors started
+// later without options follow the choice.
+func ExampleWithoutChangeLog() {
+	defer exampleSchema("pgstore_example_nolog")()
+	ctx := context.Background()
+	c, err := pgstore.Connect(ctx, exampleDatabaseURL(), pgstore.WithSchema("pgstore_example_nolog"),
+		pgstore.WithoutChangeLog())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close(ctx)
+
+	events := make(chan pgstore.Event, 16)
+	sub, err := c.Subscribe(ctx, func(e pgstore.Event) { events <- e }, pgstore.ForEvents(pgstore.Insert))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close(ctx)
+	if err := c.Set(ctx, "cars/bmw", 1, car{Model: "bmw", HP: 300}); err != nil {
+		log.Fatal(err)
+	}
+	e := <-events
+	fmt.Printf("%s %s value %q cursor %q\n", e.Type, e.Key, e.Value, e.Cursor)
+	// Output:
+	// INSERT cars/bmw value "" cursor ""
+}
+
 func ExampleAfter() {
 	defer exampleSchema("pgstore_example_after")()
 	ctx := context.Background()

@@ -374,6 +374,50 @@ func (c *Connector) logLags() []int64 {
 	return lags
 }
 
+// destroyGrace bounds how long DestroySchema waits for the connector's own
+// subscriptions to deliver the DESTROY_TABLE events of its steps before its
+// last step takes the log away.
+const destroyGrace = 5 * time.Second
+
+// awaitLogReaders waits, destroyGrace at most, until this connector's
+// subscriptions that follow the schema's log have delivered all it holds.
+// Subscriptions of other connectors are woken by the steps' NOTIFY; one that
+// has not read the log when it goes gets only the Resync with ErrLogGone.
+func (c *Connector) awaitLogReaders(ctx context.Context, schema string) {
+	channel := logChannel(schema)
+	c.subsMu.RLock()
+	var subs []*Subscription
+	for s := range c.logSubs[channel] {
+		subs = append(subs, s)
+	}
+	c.subsMu.RUnlock()
+	if len(subs) == 0 {
+		return
+	}
+	head, err := readHead(ctx, c.pool, schema)
+	if err != nil {
+		return // no log, or none to read: DestroySchema says why, if it matters
+	}
+	c.wakeLog(channel)
+	deadline := time.Now().Add(destroyGrace)
+	for _, s := range subs {
+		for s.logPos.Load() < head.position && time.Now().Before(deadline) && !closedChan(s.stopped) {
+			if !backoff.Sleep(ctx, time.Millisecond) {
+				return
+			}
+		}
+	}
+}
+
+func closedChan(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
 // wakeLog wakes the subscriptions that follow the log of a channel.
 func (c *Connector) wakeLog(channel string) {
 	c.subsMu.RLock()

@@ -23,6 +23,19 @@ import (
 	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
+// The tests of this file are of the NOTIFY feed: their connectors keep their
+// schema without a change log.
+
+func connectFeed(t testing.TB, opts ...pgstore.Option) *pgstore.Connector {
+	t.Helper()
+	return connect(t, append([]pgstore.Option{pgstore.WithoutChangeLog()}, opts...)...)
+}
+
+func connectSchemaFeed(t testing.TB, schema string, opts ...pgstore.Option) *pgstore.Connector {
+	t.Helper()
+	return connectSchema(t, schema, append([]pgstore.Option{pgstore.WithoutChangeLog()}, opts...)...)
+}
+
 // feed collects the events of a subscription.
 type feed struct {
 	t      testing.TB
@@ -83,7 +96,7 @@ func describe(e pgstore.Event) string {
 func TestFeedDeepstreamSequence(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	f := subscribe(t, c)
 
 	require.NoError(t, c.Set(ctx, "cars/bmw", 1, map[string]any{"hp": 300}))
@@ -100,7 +113,7 @@ func TestFeedQuickSetsOfOneKeyGiveOneEvent(t *testing.T) {
 	ctx := context.Background()
 	// A long interval and a batch of two: the batch goes out when its
 	// second key arrives, so the five sets of "a" coalesce for sure.
-	c := connect(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(2))
+	c := connectFeed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(2))
 	f := subscribe(t, c)
 	var results []*pgstore.Result
 	for v := int64(1); v <= 5; v++ {
@@ -118,7 +131,7 @@ func TestFeedQuickSetsOfOneKeyGiveOneEvent(t *testing.T) {
 func TestFeedWritesToTwoTablesInOneBatch(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(4))
+	c := connectFeed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(4))
 	f := subscribe(t, c)
 	rs := []*pgstore.Result{
 		c.SetAsync(ctx, "x/1", 1, "x1"), c.SetAsync(ctx, "y/1", 1, "y1"),
@@ -140,7 +153,7 @@ func TestFeedWritesToTwoTablesInOneBatch(t *testing.T) {
 func TestFeedIDsThatWouldBreakAColonSeparatedPayload(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	require.NoError(t, c.Set(ctx, "odd/warmup", 1, 1))
 	f := subscribe(t, c)
 	ids := []string{
@@ -166,7 +179,7 @@ func TestFeedLargeFlushCoversEveryKey(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	const n = 10000
-	c := connect(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(n))
+	c := connectFeed(t, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(n))
 	f := subscribe(t, c)
 	results := make([]*pgstore.Result, n)
 	for i := range n {
@@ -192,7 +205,7 @@ func TestFeedTwoConnectorsSeeEachOthersWrites(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	schema := pgtest.Schema(t)
-	a, b := connectSchema(t, schema), connectSchema(t, schema)
+	a, b := connectSchemaFeed(t, schema), connectSchemaFeed(t, schema)
 	fa, fb := subscribe(t, a), subscribe(t, b)
 	require.NoError(t, a.Set(ctx, "shared/from-a", 1, "a"))
 	fb.expect("CREATE_TABLE shared", "INSERT shared/from-a@1")
@@ -206,7 +219,7 @@ func TestFeedTableCreatedOnceWhenTwoConnectorsRace(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	schema := pgtest.Schema(t)
-	a, b := connectSchema(t, schema), connectSchema(t, schema)
+	a, b := connectSchemaFeed(t, schema), connectSchemaFeed(t, schema)
 	f := subscribe(t, a)
 	start := make(chan struct{})
 	var wg sync.WaitGroup
@@ -228,7 +241,7 @@ func TestFeedTableCreatedOnceWhenTwoConnectorsRace(t *testing.T) {
 func TestFeedFilters(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	all := subscribe(t, c)
 	updates := subscribe(t, c, pgstore.ForEvents(pgstore.Update))
 	cars := subscribe(t, c, pgstore.ForTables("cars"))
@@ -269,7 +282,7 @@ func TestFeedSwitchedOffEventsInstallNoTrigger(t *testing.T) {
 		return names
 	}
 
-	inserts := connectSchema(t, schema, pgstore.WithEvents(pgstore.Insert))
+	inserts := connectSchemaFeed(t, schema, pgstore.WithEvents(pgstore.Insert))
 	f := subscribe(t, inserts)
 	require.NoError(t, inserts.Set(ctx, "cars/a", 1, 1))
 	require.NoError(t, inserts.Set(ctx, "cars/a", 2, 2))
@@ -279,14 +292,14 @@ func TestFeedSwitchedOffEventsInstallNoTrigger(t *testing.T) {
 	require.Equal(t, []string{"pgstore_insert"}, triggers(inserts))
 
 	// A later Connect with other events brings the existing table in line.
-	connectSchema(t, schema, pgstore.WithEvents(pgstore.Update, pgstore.Delete))
+	connectSchemaFeed(t, schema, pgstore.WithEvents(pgstore.Update, pgstore.Delete))
 	require.Equal(t, []string{"pgstore_delete", "pgstore_update"}, triggers(inserts))
-	connectSchema(t, schema) // without WithEvents, existing triggers stay
+	connectSchemaFeed(t, schema) // without WithEvents, existing triggers stay
 	require.Equal(t, []string{"pgstore_delete", "pgstore_update"}, triggers(inserts))
-	connectSchema(t, schema, pgstore.WithEvents(pgstore.CreateTable, pgstore.DestroyTable, pgstore.Insert, pgstore.Update, pgstore.Delete))
+	connectSchemaFeed(t, schema, pgstore.WithEvents(pgstore.CreateTable, pgstore.DestroyTable, pgstore.Insert, pgstore.Update, pgstore.Delete))
 	require.Equal(t, []string{"pgstore_delete", "pgstore_insert", "pgstore_update"}, triggers(inserts))
 
-	off := connectSchema(t, schema, pgstore.WithEvents())
+	off := connectSchemaFeed(t, schema, pgstore.WithEvents())
 	require.Empty(t, triggers(off))
 }
 
@@ -295,7 +308,7 @@ func TestFeedMixedCaseSchema(t *testing.T) {
 	ctx := context.Background()
 	schema := "Mixed Case " + pgtest.Schema(t) // dropped below, as the helper's lower-case name is not this one
 	t.Cleanup(func() { pgtest.DropSchema(t, pgtest.URL(t), schema) })
-	c := connectSchema(t, schema)
+	c := connectSchemaFeed(t, schema)
 	f := subscribe(t, c)
 	require.NoError(t, c.Set(ctx, "cars/a", 1, 1))
 	e := f.next()
@@ -307,8 +320,8 @@ func TestFeedOfAnotherSchema(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	mine, theirs := pgtest.Schema(t), pgtest.Schema(t)
-	c := connectSchema(t, mine)
-	other := connectSchema(t, theirs)
+	c := connectSchemaFeed(t, mine)
+	other := connectSchemaFeed(t, theirs)
 	f := subscribe(t, c, pgstore.ForSchema(theirs))
 	own := subscribe(t, c)
 	require.NoError(t, other.Set(ctx, "cars/a", 1, 1))
@@ -324,9 +337,9 @@ func TestFeedOfAnotherSchema(t *testing.T) {
 func TestFeedDestroySchemaAnnouncesEachTable(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	other := pgtest.Schema(t)
-	writer := connectSchema(t, other)
+	writer := connectSchemaFeed(t, other)
 	require.NoError(t, writer.Set(ctx, "a/1", 1, 1))
 	require.NoError(t, writer.Set(ctx, "b/1", 1, 1))
 	f := subscribe(t, c, pgstore.ForSchema(other))
@@ -337,7 +350,7 @@ func TestFeedDestroySchemaAnnouncesEachTable(t *testing.T) {
 func TestFeedSubscribeRefusesBadInput(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	_, err := c.Subscribe(ctx, nil)
 	require.ErrorContains(t, err, "handler is nil")
 	_, err = c.Subscribe(ctx, func(pgstore.Event) {}, pgstore.ForEvents(pgstore.EventType(42)))
@@ -365,7 +378,7 @@ func TestFeedOneListenConnectionForManySubscriptions(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema)
+	c := connectSchemaFeed(t, schema)
 	var got sync.WaitGroup
 	const n = 1000
 	got.Add(n)
@@ -388,7 +401,7 @@ func TestFeedResyncAfterListenerBackendIsKilled(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema)
+	c := connectSchemaFeed(t, schema)
 	f := subscribe(t, c)
 	require.NoError(t, c.Set(ctx, "t/before", 1, 1))
 	f.expect("CREATE_TABLE t", "INSERT t/before@1")
@@ -428,7 +441,7 @@ func TestFeedSurvivesServerOutage(t *testing.T) {
 	ctx := context.Background()
 	proxy, url := pgtest.NewProxy(t)
 	schema := pgtest.Schema(t)
-	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema(schema), pgstore.WithRetryTimeout(time.Minute))
+	c, err := pgstore.Connect(ctx, url, pgstore.WithSchema(schema), pgstore.WithRetryTimeout(time.Minute), pgstore.WithoutChangeLog())
 	require.NoError(t, err)
 	f := subscribe(t, c)
 	require.NoError(t, c.Set(ctx, "t/before", 1, 1))
@@ -460,7 +473,7 @@ func TestFeedSurvivesServerOutage(t *testing.T) {
 func TestFeedSlowSubscriberGetsResyncInsteadOfAGap(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	release := make(chan struct{})
 	var blocked sync.Once
 	events := make(chan pgstore.Event, 100000)
@@ -515,7 +528,7 @@ func TestFeedHandlerPanicIsRecovered(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	var logs syncBuffer
-	c := connect(t, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	c := connectFeed(t, pgstore.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
 	events := make(chan pgstore.Event, 10)
 	sub, err := c.Subscribe(ctx, func(e pgstore.Event) {
 		if e.Key == "t/boom" {
@@ -534,7 +547,7 @@ func TestFeedHandlerPanicIsRecovered(t *testing.T) {
 func TestFeedNoHandlerCallAfterClose(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c := connect(t)
+	c := connectFeed(t)
 	var closed atomic.Bool
 	var late atomic.Int32
 	sub, err := c.Subscribe(ctx, func(pgstore.Event) {
@@ -595,7 +608,7 @@ func (b *syncBuffer) String() string {
 func TestFeedResyncComesOnlyOnceListeningAgain(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	c, schema := connectNamed(t)
+	c, schema := connectNamed(t, pgstore.WithoutChangeLog())
 	require.NoError(t, c.Set(ctx, "t/a", 1, 1))
 
 	// On Resync, the subscriber re-reads; a write made right then must
@@ -665,7 +678,7 @@ func TestCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 func TestSubscriptionCloseDoesNotWaitPastItsContextForAStuckHandler(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	sub, release, calls := subscribeStuck(t, ctx, connect(t))
+	sub, release, calls := subscribeStuck(t, ctx, connectFeed(t))
 
 	closeCtx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
@@ -684,7 +697,7 @@ func TestFeedAFlushOfManyRowsSendsFewNotifications(t *testing.T) {
 	ctx := context.Background()
 	const n = 5000
 	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(n))
+	c := connectSchemaFeed(t, schema, pgstore.WithWriteInterval(time.Hour), pgstore.WithMaxBatchSize(n))
 	listener, err := pgx.Connect(ctx, pgtest.URL(t))
 	require.NoError(t, err)
 	t.Cleanup(func() { listener.Close(ctx) })
@@ -754,7 +767,7 @@ func TestAPoolWithItsOwnNotificationHandlerStillFeedsSubscriptions(t *testing.T)
 func TestFiltersThatCouldNeverMatchAreRefused(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
-	c := connect(t)
+	c := connectFeed(t)
 	for _, tc := range []struct {
 		name   string
 		filter pgstore.Filter
@@ -775,8 +788,8 @@ func TestConnectorsWithoutWithEventsFollowTheEventsTheSchemaRecords(t *testing.T
 	t.Parallel()
 	ctx := testCtx(t)
 	schema := pgtest.Schema(t)
-	connectSchema(t, schema, pgstore.WithEvents(pgstore.Insert)) // records the schema's events
-	plain := connectSchema(t, schema)
+	connectSchemaFeed(t, schema, pgstore.WithEvents(pgstore.Insert)) // records the schema's events
+	plain := connectSchemaFeed(t, schema)
 	require.NoError(t, plain.Set(ctx, "cars/bmw", 1, "bmw")) // a new table, by a connector without the option
 	require.Equal(t, []string{"pgstore_insert"}, tableTriggers(t, pgtest.Pool(t), schema, "cars"))
 }

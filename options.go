@@ -23,7 +23,7 @@ type config struct {
 	logger        *slog.Logger
 	retryTimeout  time.Duration
 	maxValueBytes int
-	changeLog     time.Duration // retention; 0 leaves the schema's log as it is
+	changeLog     logChoice
 	events        eventSet
 	eventsChosen  bool // WithEvents was given: existing triggers follow it
 	tracer        Tracer
@@ -45,6 +45,9 @@ const (
 	// DefaultApplicationName is the application_name of the sessions of a
 	// pool that Connect opens, unless its connection string sets one.
 	DefaultApplicationName = "pgstore"
+	// DefaultChangeLogRetention is the retention of a change log that a
+	// connector without WithChangeLog makes.
+	DefaultChangeLogRetention = time.Hour
 )
 
 func defaultConfig() config {

@@ -55,6 +55,7 @@ func markerTablesSQL(schema string) []string {
 		"CREATE TABLE IF NOT EXISTS " + refused + " (token uuid NOT NULL, tbl text NOT NULL, id text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"pgstore/refused_token"}.Sanitize() + " ON " + refused + " (token)",
 		"CREATE TABLE IF NOT EXISTS " + pgx.Identifier{schema, settingsTable}.Sanitize() + " (one boolean PRIMARY KEY DEFAULT true CHECK (one), events smallint)",
+		addLogOffSQL(schema),
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
-	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
@@ -187,7 +186,9 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		if err := setupSchema(ctx, tx, schema); err != nil {
 			return err
 		}
-		state, err := readLogState(ctx, tx, schema)
+		// The schema may be new since Connect (destroyed, and made here
+		// again): it gets the log Connect would give it.
+		state, err := prepareLog(ctx, tx, schema, c.cfg.changeLog)
 		if err != nil {
 			return err
 		}
@@ -237,6 +238,17 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 			}
 		}
 	}
+	// A schema made before WithoutChangeLog was recorded lacks its column.
+	err = tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'change_log_off' AND NOT attisdropped)",
+		pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&exists)
+	if err != nil {
+		return err
+	}
+	if !exists {
+		if _, err := tx.Exec(ctx, addLogOffSQL(schema)); err != nil {
+			return fmt.Errorf("record WithoutChangeLog in %q: %w", schema, err)
+		}
+	}
 	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 		WHERE n.nspname = $1 AND p.proname = $2)`, schema, notifyFunction).Scan(&exists)
 	if err != nil || exists {
@@ -248,14 +260,13 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 	return nil
 }
 
-// prepareSchema runs setupSchema in its own transaction under the DDL lock,
-// and with a retention, prepareLog. It reports where the schema stands with
-// its change log.
+// prepareSchema runs setupSchema and prepareLog in one transaction under the
+// DDL lock. It reports where the schema stands with its change log.
 //
 // With events, it records them as the schema's: the events that connectors
 // without WithEvents give the tables they create. It returns the schema's
 // events, or fallback where it records none.
-func prepareSchema(ctx context.Context, db beginner, schema string, retention time.Duration, events *eventSet, fallback eventSet) (state logState, recorded eventSet, err error) {
+func prepareSchema(ctx context.Context, db beginner, schema string, choice logChoice, events *eventSet, fallback eventSet) (state logState, recorded eventSet, err error) {
 	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
@@ -263,18 +274,13 @@ func prepareSchema(ctx context.Context, db beginner, schema string, retention ti
 		if err := setupSchema(ctx, tx, schema); err != nil {
 			return err
 		}
-		if retention > 0 {
-			if err := prepareLog(ctx, tx, schema, retention); err != nil {
-				return err
-			}
-		}
 		if events != nil {
 			if _, err := tx.Exec(ctx, "INSERT INTO "+pgx.Identifier{schema, settingsTable}.Sanitize()+
 				" AS s (one, events) VALUES (true, $1) ON CONFLICT (one) DO UPDATE SET events = excluded.events", int16(*events)); err != nil {
 				return err
 			}
 		}
-		if state, err = readLogState(ctx, tx, schema); err != nil {
+		if state, err = prepareLog(ctx, tx, schema, choice); err != nil {
 			return err
 		}
 		if recorded, err = schemaEvents(ctx, tx, schema, fallback); err != nil {
@@ -295,8 +301,13 @@ type beginner interface {
 }
 
 // settingsTable holds the schema's settings that connectors share: the
-// events that WithEvents last recorded.
+// events that WithEvents last recorded, and whether WithoutChangeLog was
+// (change_log_off, until a change log is made).
 const settingsTable = "pgstore/settings"
+
+func addLogOffSQL(schema string) string {
+	return "ALTER TABLE " + pgx.Identifier{schema, settingsTable}.Sanitize() + " ADD COLUMN IF NOT EXISTS change_log_off boolean NOT NULL DEFAULT false"
+}
 
 // schemaEvents returns the events the schema records, or else fallback.
 func schemaEvents(ctx context.Context, tx pgx.Tx, schema string, fallback eventSet) (eventSet, error) {
@@ -418,8 +429,9 @@ func (c *Connector) checkName(call, kind, name string) error {
 	return nil
 }
 
-// CreateSchema creates a schema, ready for connectors, if it does not exist;
-// with a change log if the connector has WithChangeLog.
+// CreateSchema creates a schema, ready for connectors, if it does not exist,
+// with a change log unless the connector has WithoutChangeLog (see
+// WithChangeLog).
 func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if err := c.checkName("CreateSchema", "schema", name); err != nil {
 		return err
@@ -427,7 +439,13 @@ func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: CreateSchema: refusing PostgreSQL's own schema %q", name)
 	}
-	if _, _, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog, nil, allEvents); err != nil {
+	state, events, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog, nil, allEvents)
+	if err == nil && state == logStarting {
+		// An existing schema's tables, brought in line as a connector on
+		// it would.
+		err = switchLogOn(ctx, c.pool, name, events)
+	}
+	if err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
 	}
 	return nil
@@ -459,7 +477,7 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: DestroySchema: refusing to drop the system schema %q", name)
 	}
-	err := destroySchema(ctx, c.pool, name, c.cfg.events)
+	err := destroySchema(ctx, c.pool, name, c.cfg.events, c.awaitLogReaders)
 	if err != nil {
 		if errors.Is(err, ErrSchemaNotFound) {
 			return err
@@ -484,9 +502,13 @@ const destroyRounds = 3
 // those are found in the next round, dropped and announced in their turn.
 // The last step drops the schema only when, under the lock, it finds no
 // pgstore table left (or after destroyRounds), so that it announces none
-// itself: its announcements would go with the log.
-func destroySchema(ctx context.Context, db beginner, schema string, fallback eventSet) error {
+// itself: its announcements would go with the log. Before each round after
+// the first, settle gives subscribers time to read what the steps announced.
+func destroySchema(ctx context.Context, db beginner, schema string, fallback eventSet, settle func(context.Context, string)) error {
 	for round := 1; ; round++ {
+		if round > 1 {
+			settle(ctx, schema)
+		}
 		var (
 			found  []destroyTarget
 			budget int

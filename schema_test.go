@@ -328,9 +328,13 @@ func TestDestroySchemaDropsTheSchemaWithItsTables(t *testing.T) {
 	require.Zero(t, queryInt(t, c, "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename NOT LIKE 'pgstore/%'", otherSchema),
 		"pgstore's tables and the hand-made ones are gone")
 	require.ElementsMatch(t, []string{"DESTROY_TABLE bikes", "DESTROY_TABLE cars"}, []string{describe(f.next()), describe(f.next())})
+	resync := f.next()
+	require.Equal(t, pgstore.Resync, resync.Type, "the end of the schema's change log")
+	require.ErrorIs(t, resync.Reason, pgstore.ErrLogGone)
 
-	// The other connector's next write creates its schema again, and no
-	// DESTROY_TABLE came for the hand-made tables.
+	// The other connector's next write creates its schema again, with a
+	// new log that the subscription follows, and no DESTROY_TABLE came for
+	// the hand-made tables.
 	require.NoError(t, other.Set(ctx, "cars/vw", 1, "vw"))
 	f.expect("CREATE_TABLE cars", "INSERT cars/vw@1")
 	requireRecord(t, other, "cars/vw", 1, `"vw"`)

@@ -155,7 +155,7 @@ func (s *sqlSink) Write(ctx context.Context, b *writebuf.Batch) (writebuf.Failur
 		for _, tb := range tables {
 			tb.t.created.Store(false)
 		}
-		if _, _, perr := prepareSchema(ctx, s.c.pool, s.c.cfg.schema, 0, nil, allEvents); perr != nil {
+		if perr := s.c.prepareAgain(ctx); perr != nil {
 			err = fmt.Errorf("%w; and preparing the schema again: %w", err, perr)
 		}
 		return writebuf.Transient, err

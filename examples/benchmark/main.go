@@ -119,12 +119,13 @@ type env struct {
 	s      settings
 	rep    *benchkit.Report
 	raw    *pgxpool.Pool // the ceiling's pool, also used for setup and checks
-	schema string        // change feed on (pgstore's default)
+	schema string        // the NOTIFY feed (WithoutChangeLog)
 	// noFeed is the schema of the connectors with the change feed off; a
 	// schema of its own, so that no connector brings the triggers of the
 	// other's tables in line with its own events.
 	noFeed string
-	// logged is the schema of the connectors with the change log on.
+	// logged is the schema of the connectors with the change log on, as
+	// pgstore's default is.
 	logged   string
 	poolSize int // of raw, pgxpool's default
 }
@@ -143,6 +144,18 @@ func measure(ctx context.Context, s settings, rep *benchkit.Report) error {
 	var groups []figureGroup
 	for _, g := range figureGroups {
 		if slices.Contains(s.figures, g.Name) {
+			g := g
+			if os.Getenv("CKPT") != "" {
+				run := g.Run
+				g.Run = func(ctx context.Context, e *env) error {
+					t := time.Now()
+					if _, err := e.raw.Exec(ctx, "CHECKPOINT"); err != nil {
+						return err
+					}
+					progress("checkpoint took %v", time.Since(t))
+					return run(ctx, e)
+				}
+			}
 			groups = append(groups, g)
 		}
 	}
@@ -160,9 +173,12 @@ type store struct {
 }
 
 // connect opens a store on schema, with pgstore's defaults unless opts say
-// otherwise. Open it inside labelled: its background goroutines inherit the
-// labels.
+// otherwise, but without a change log outside e.logged. Open it inside
+// labelled: its background goroutines inherit the labels.
 func (e *env) connect(ctx context.Context, schema string, opts ...pgstore.Option) (*store, error) {
+	if schema != e.logged {
+		opts = append([]pgstore.Option{pgstore.WithoutChangeLog()}, opts...)
+	}
 	cfg, err := pgxpool.ParseConfig(e.s.url)
 	if err != nil {
 		return nil, err

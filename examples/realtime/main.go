@@ -58,6 +58,8 @@ func run(ctx context.Context, s *settings, logger *slog.Logger) error {
 		// Events carry their values, and a lost LISTEN connection or a
 		// slow node costs no re-read of everything.
 		opts = append(opts, pgstore.WithChangeLog(s.retention))
+	} else {
+		opts = append(opts, pgstore.WithoutChangeLog())
 	}
 	pool, err := pgxpool.NewWithConfig(connectCtx, s.pool)
 	if err != nil {

@@ -177,7 +177,7 @@ func TestStaleSetRefused(t *testing.T) {
 func TestResyncPushesState(t *testing.T) {
 	t.Parallel()
 	schema := pgtest.Schema(t)
-	n := startNode(t, schema)
+	n := startNode(t, schema, pgstore.WithoutChangeLog()) // the NOTIFY feed, whose loss costs a Resync
 	c := dial(t, n.ws)
 	c.requestOK(map[string]any{"type": "set", "key": "demo/a", "version": 1, "value": "one"})
 	c.requestOK(map[string]any{"type": "subscribe", "key": "demo/a"})

@@ -4,8 +4,10 @@
 //	go run ./examples/tail -schema ds
 //	go run ./examples/tail -schema ds -from CURSOR   # with a change log: from a position
 //
-// With a change log (see pgstore.WithChangeLog), each line ends with the
-// event's cursor, which -from takes to print what came after it.
+// With a change log (pgstore's default; see pgstore.WithChangeLog), each
+// line ends with the event's cursor, which -from takes to print what came
+// after it. Like any connector, tail follows what the schema records, and
+// gives a schema that records no choice a change log.
 //
 // It connects to -url, DATABASE_URL or the local default server, in that
 // order, and stops on Ctrl-C.

@@ -43,7 +43,8 @@ var (
 // Config configures a Broker.
 type Config struct {
 	// Store is the pgstore connector whose schema holds the channels. Its
-	// schema must have the change log on (pgstore.WithChangeLog). Required.
+	// schema must have the change log on, as pgstore's default is (see
+	// pgstore.WithChangeLog). Required.
 	Store *pgstore.Connector
 	// Pool runs the broker's transactions. It must reach the database of
 	// Store (the pool given to pgstore.New, or another on the same
@@ -169,7 +170,7 @@ func (b *Broker) checkLog(ctx context.Context) error {
 	var active bool
 	err := b.pool.QueryRow(ctx, readLog).Scan(&viaPool, &active)
 	if isUndefinedTable(err) || err == nil && !active {
-		return fmt.Errorf("%w: schema %q has no change log; open its connector with pgstore.WithChangeLog", ErrUnsupported, schema)
+		return fmt.Errorf("%w: schema %q has no change log (WithoutChangeLog was recorded in it); open a connector with pgstore.WithChangeLog to turn it on", ErrUnsupported, schema)
 	}
 	if err != nil {
 		return fmt.Errorf("mapbroker: read the change log of schema %q: %w", schema, err)

@@ -134,7 +134,7 @@ func TestNewNeedsTheChangeLog(t *testing.T) {
 	pool, err := pgxpool.New(ctx, pgtest.URL(t))
 	require.NoError(t, err)
 	defer pool.Close()
-	store, err := pgstore.New(ctx, pool, pgstore.WithSchema(schema), pgstore.WithLogger(quietLogger()))
+	store, err := pgstore.New(ctx, pool, pgstore.WithSchema(schema), pgstore.WithLogger(quietLogger()), pgstore.WithoutChangeLog())
 	require.NoError(t, err)
 	defer store.Close(ctx)
 	_, err = New(newNode(t), Config{Store: store, Pool: pool})
