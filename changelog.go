@@ -245,15 +245,16 @@ func readLogState(ctx context.Context, q interface {
 // switchLogOn finishes the switch of a schema to its change log, made over
 // existing tables: every table gets the log's triggers beside its NOTIFY
 // ones, the log goes on, the NOTIFY feed's subscriptions (on every node) are
-// told to switch to it, and then the NOTIFY triggers go.
-func switchLogOn(ctx context.Context, pool *pgxpool.Pool, schema string, events eventSet) error {
-	if err := syncTriggers(ctx, pool, schema, events, logStarting); err != nil {
+// told to switch to it, and then the NOTIFY triggers go. With follow, the
+// tables get the events the schema records (see syncTriggers).
+func switchLogOn(ctx context.Context, pool *pgxpool.Pool, schema string, events eventSet, follow bool) error {
+	if err := syncTriggers(ctx, pool, schema, events, follow, logStarting); err != nil {
 		return err
 	}
 	if _, err := activateLog(ctx, pool, schema); err != nil {
 		return err
 	}
-	if err := syncTriggers(ctx, pool, schema, events, logOn); err != nil {
+	if err := syncTriggers(ctx, pool, schema, events, follow, logOn); err != nil {
 		return fmt.Errorf("remove the NOTIFY triggers, now that the change log is on: %w", err)
 	}
 	return nil
@@ -284,6 +285,9 @@ type logChoice struct {
 	off       bool          // WithoutChangeLog
 }
 
+// errLogOn refuses WithoutChangeLog on a schema that has a change log.
+var errLogOn = errors.New("WithoutChangeLog: the schema has a change log, and a change log cannot be switched off (DestroySchema removes it with the schema)")
+
 // prepareLog carries out a connector's choice for the schema's change log,
 // and reports where the schema then stands with it. Without WithChangeLog or
 // WithoutChangeLog, a schema that has no log gets one, with
@@ -300,7 +304,11 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice)
 		if state != logNone {
 			return state, nil // switched on by another connector: followed (Connect refuses it)
 		}
-		_, err := tx.Exec(ctx, "INSERT INTO "+settings+" AS s (one, change_log_off) VALUES (true, true) ON CONFLICT (one) DO UPDATE SET change_log_off = true")
+		_, err := tx.Exec(ctx, "INSERT INTO "+settings+" AS s (one, change_log_off) VALUES (true, true) ON CONFLICT (one) DO UPDATE SET change_log_off = true WHERE NOT s.change_log_off")
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42703" {
+			return logNone, fmt.Errorf("WithoutChangeLog: the schema's settings table predates the choice, and the role does not own it to add its column; as its owner, run: %s", addLogOffSQL(schema))
+		}
 		return logNone, err
 	}
 	head := pgx.Identifier{schema, logHead}.Sanitize()
@@ -311,15 +319,15 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice)
 		}
 		return state, err
 	}
-	if choice.retention == 0 {
-		var off bool
-		err := tx.QueryRow(ctx, "SELECT change_log_off FROM "+settings).Scan(&off)
-		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return logNone, err
-		}
-		if off {
-			return logNone, nil
-		}
+	// Through to_jsonb, so that a settings table without the column (see
+	// setupSchema) reads as no choice recorded.
+	var off bool
+	err = tx.QueryRow(ctx, "SELECT coalesce((to_jsonb(s) ->> 'change_log_off')::boolean, false) FROM "+settings+" s").Scan(&off)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return logNone, err
+	}
+	if off && choice.retention == 0 {
+		return logNone, nil
 	}
 	retention := cmp.Or(choice.retention, DefaultChangeLogRetention)
 	for _, stmt := range createLogSQL(schema, retention) {
@@ -327,8 +335,10 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice)
 			return logNone, fmt.Errorf("create the change log of %q: %w", schema, err)
 		}
 	}
-	if _, err := tx.Exec(ctx, "UPDATE "+settings+" SET change_log_off = false WHERE change_log_off"); err != nil {
-		return logNone, err
+	if off {
+		if _, err := tx.Exec(ctx, "UPDATE "+settings+" SET change_log_off = false"); err != nil {
+			return logNone, err
+		}
 	}
 	var tables bool
 	if err := tx.QueryRow(ctx, "SELECT EXISTS ("+listTablesSQL+")", schema).Scan(&tables); err != nil {

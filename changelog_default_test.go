@@ -121,3 +121,38 @@ func TestCreateSchemaMakesASchemaWhoseLogIsOn(t *testing.T) {
 	require.NoError(t, connect(t, pgstore.WithoutChangeLog()).CreateSchema(ctx, off))
 	require.Zero(t, logRetention(t, off))
 }
+
+// Nodes started together on a schema without a log (a rolling upgrade) all
+// switch it on at once: each succeeds, and the tables end with the log's
+// triggers alone. (That no node gives a table back the NOTIFY triggers that
+// another removed, deciding from a stale state, rests on each table's
+// triggers being decided under the DDL lock; this test rarely meets that
+// window.)
+func TestConnectorsSwitchingTheLogOnTogetherLeaveOnlyTheLogsTriggers(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	feed := connectSchema(t, schema, pgstore.WithoutChangeLog())
+	tables := []string{"a", "b", "c", "d", "e", "f"}
+	for _, table := range tables {
+		require.NoError(t, feed.Set(ctx, table+"/1", 1, 1))
+	}
+	const nodes = 4
+	errs := make(chan error, nodes)
+	for range nodes {
+		go func() {
+			c, err := pgstore.Connect(ctx, pgtest.URL(t), pgstore.WithSchema(schema), pgstore.WithChangeLog(time.Hour))
+			if err == nil {
+				err = c.Close(ctx)
+			}
+			errs <- err
+		}()
+	}
+	for range nodes {
+		require.NoError(t, <-errs)
+	}
+	for _, table := range tables {
+		require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
+			tableTriggers(t, pgtest.Pool(t), schema, table), "table %s", table)
+	}
+}

@@ -6,10 +6,12 @@
 // write, in the connector's schema), the rest is the record's id. Writes are
 // buffered, coalesced per key and flushed in batches; every write reports when
 // it is durable or why it failed, and reads see buffered writes. Triggers
-// publish each change with NOTIFY, and Subscribe delivers them to handlers
-// through one shared LISTEN connection; with WithChangeLog, the triggers
-// append each change with its value to a durable log in the schema instead,
-// which subscriptions read from a cursor.
+// append each change, with its value, to a durable log in the schema, in the
+// change's transaction; Subscribe delivers it to handlers, each subscription
+// reading the log from its own cursor, woken by NOTIFY through one shared
+// LISTEN connection. With WithoutChangeLog, the triggers publish each change
+// with NOTIFY instead, a lighter feed that loses what a lost connection
+// missed and says so with a Resync.
 package pgstore
 
 import (
@@ -198,20 +200,20 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 		return nil, fmt.Errorf("pgstore: prepare schema %q: %w%s", cfg.schema, err, privilegeFixes(ctx, pool, cfg, err))
 	}
 	if cfg.changeLog.off && state != logNone {
-		return nil, fmt.Errorf("pgstore: WithoutChangeLog: schema %q has a change log, and a change log cannot be switched off (DestroySchema removes it with the schema)", cfg.schema)
+		return nil, fmt.Errorf("pgstore: schema %q: %w", cfg.schema, errLogOn)
 	}
 	cfg.events = events // the schema's, as WithEvents last recorded them
 	// A connector that chose nothing follows the schema, and with a log
 	// on, finishes a switch that stopped before every NOTIFY trigger went.
 	if (cfg.eventsChosen || cfg.changeLog.retention > 0 || state == logOn) && state != logStarting {
-		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, state); err != nil {
+		if err := syncTriggers(ctx, pool, cfg.schema, cfg.events, !cfg.eventsChosen, state); err != nil {
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
 	if state == logStarting {
 		// A log was made over existing tables, here or by a connector
 		// that has not finished (or ended before it did): finish.
-		if err := switchLogOn(ctx, pool, cfg.schema, cfg.events); err != nil {
+		if err := switchLogOn(ctx, pool, cfg.schema, cfg.events, !cfg.eventsChosen); err != nil {
 			return nil, fmt.Errorf("pgstore: switch the change log of schema %q on: %w", cfg.schema, err)
 		}
 		state = logOn
@@ -272,7 +274,7 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 func (c *Connector) prepareAgain(ctx context.Context) error {
 	state, events, err := prepareSchema(ctx, c.pool, c.cfg.schema, c.cfg.changeLog, nil, c.cfg.events)
 	if err == nil && state == logStarting {
-		err = switchLogOn(ctx, c.pool, c.cfg.schema, events)
+		err = switchLogOn(ctx, c.pool, c.cfg.schema, events, !c.cfg.eventsChosen)
 	}
 	if err != nil {
 		return err

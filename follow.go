@@ -379,11 +379,11 @@ func (c *Connector) logLags() []int64 {
 // last step takes the log away.
 const destroyGrace = 5 * time.Second
 
-// awaitLogReaders waits, destroyGrace at most, until this connector's
+// awaitLogReaders waits, until deadline at most, until this connector's
 // subscriptions that follow the schema's log have delivered all it holds.
 // Subscriptions of other connectors are woken by the steps' NOTIFY; one that
 // has not read the log when it goes gets only the Resync with ErrLogGone.
-func (c *Connector) awaitLogReaders(ctx context.Context, schema string) {
+func (c *Connector) awaitLogReaders(ctx context.Context, schema string, deadline time.Time) {
 	channel := logChannel(schema)
 	c.subsMu.RLock()
 	var subs []*Subscription
@@ -399,7 +399,6 @@ func (c *Connector) awaitLogReaders(ctx context.Context, schema string) {
 		return // no log, or none to read: DestroySchema says why, if it matters
 	}
 	c.wakeLog(channel)
-	deadline := time.Now().Add(destroyGrace)
 	for _, s := range subs {
 		for s.logPos.Load() < head.position && time.Now().Before(deadline) && !closedChan(s.stopped) {
 			if !backoff.Sleep(ctx, time.Millisecond) {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -54,8 +55,7 @@ func markerTablesSQL(schema string) []string {
 		"CREATE TABLE IF NOT EXISTS " + commits + " (token uuid PRIMARY KEY, claimed boolean NOT NULL DEFAULT false, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE TABLE IF NOT EXISTS " + refused + " (token uuid NOT NULL, tbl text NOT NULL, id text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
 		"CREATE INDEX IF NOT EXISTS " + pgx.Identifier{"pgstore/refused_token"}.Sanitize() + " ON " + refused + " (token)",
-		"CREATE TABLE IF NOT EXISTS " + pgx.Identifier{schema, settingsTable}.Sanitize() + " (one boolean PRIMARY KEY DEFAULT true CHECK (one), events smallint)",
-		addLogOffSQL(schema),
+		"CREATE TABLE IF NOT EXISTS " + pgx.Identifier{schema, settingsTable}.Sanitize() + " (one boolean PRIMARY KEY DEFAULT true CHECK (one), events smallint, change_log_off boolean NOT NULL DEFAULT false)",
 	}
 }
 
@@ -115,21 +115,34 @@ func newToken() string {
 }
 
 // queueMarker queues the insert of the attempt's token, which also deletes
-// the tokens of settled attempts once spentBatch of them have gathered.
-func (s *sqlSink) queueMarker(pb *pgx.Batch, token string) {
+// the tokens of settled attempts once spentBatch of them have gathered. With
+// lockHead, on a schema with a change log, the same statement takes the log's
+// head lock first thing in the transaction (see lockHeadSQL): a statement
+// fewer in every flush, which a one-row flush measures.
+func (s *sqlSink) queueMarker(pb *pgx.Batch, token string, lockHead bool) {
 	schema := s.c.cfg.schema
 	commits := pgx.Identifier{schema, commitsTable}.Sanitize()
+	args := []any{token}
+	var with []string
 	s.deleting = 0
-	if len(s.spent) < spentBatch {
-		pb.Queue("INSERT INTO "+commits+" (token) VALUES ($1::uuid)", token)
-		return
+	if len(s.spent) >= spentBatch {
+		s.deleting = len(s.spent)
+		with = append(with, "spent AS (DELETE FROM "+commits+" WHERE token = ANY($2::uuid[]))")
+		if s.c.cfg.versionGuard {
+			with = append(with, "refused AS (DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($2::uuid[]))")
+		}
+		args = append(args, s.spent)
 	}
-	s.deleting = len(s.spent)
-	sql := "WITH spent AS (DELETE FROM " + commits + " WHERE token = ANY($2::uuid[]))"
-	if s.c.cfg.versionGuard {
-		sql += ", refused AS (DELETE FROM " + pgx.Identifier{schema, refusedTable}.Sanitize() + " WHERE token = ANY($2::uuid[]))"
+	insert := "INSERT INTO " + commits + " (token) VALUES ($1::uuid)"
+	main := insert
+	if lockHead && s.c.logged.Load() {
+		with = append(with, "marker AS ("+insert+")")
+		main = lockHeadSQL(schema)
 	}
-	pb.Queue(sql+" INSERT INTO "+commits+" (token) VALUES ($1::uuid)", token, s.spent)
+	if len(with) > 0 {
+		main = "WITH " + strings.Join(with, ", ") + " " + main
+	}
+	pb.Queue(main, args...)
 }
 
 // committed records that the attempt with token committed, and with it the

@@ -75,7 +75,7 @@ func TestSpentTokensAreDeletedInGroupsByABatchThatCommits(t *testing.T) {
 	s := &sqlSink{c: &Connector{cfg: config{schema: "ds"}}}
 	marker := func(token string) *pgx.QueuedQuery {
 		var pb pgx.Batch
-		s.queueMarker(&pb, token)
+		s.queueMarker(&pb, token, true)
 		require.Len(t, pb.QueuedQueries, 1)
 		return pb.QueuedQueries[0]
 	}
@@ -96,6 +96,31 @@ func TestSpentTokensAreDeletedInGroupsByABatchThatCommits(t *testing.T) {
 	require.Len(t, q.Arguments[1], spentBatch+1)
 	s.committed("next")
 	require.Equal(t, []string{"next"}, s.spent, "what it deleted is no longer spent; its own token is")
+}
+
+// On a schema with a change log, a flush's marker takes the log's head lock
+// in its own statement, deleting spent tokens or not; the staged path, which
+// locks the head at its BEGIN, asks for the marker alone.
+func TestOnALoggedSchemaTheMarkerStatementTakesTheHeadLock(t *testing.T) {
+	s := &sqlSink{c: &Connector{cfg: config{schema: "ds"}}}
+	marker := func(lockHead bool) string {
+		var pb pgx.Batch
+		s.queueMarker(&pb, "token", lockHead)
+		require.Len(t, pb.QueuedQueries, 1)
+		return pb.QueuedQueries[0].SQL
+	}
+	require.NotContains(t, marker(true), "FOR UPDATE", "no log, no head")
+	s.c.logged.Store(true)
+	require.NotContains(t, marker(false), "FOR UPDATE")
+	sql := marker(true)
+	require.Contains(t, sql, "INSERT INTO")
+	require.Contains(t, sql, lockHeadSQL("ds"))
+	for i := range spentBatch {
+		s.committed(fmt.Sprint("t", i))
+	}
+	sql = marker(true)
+	require.Contains(t, sql, "DELETE")
+	require.Contains(t, sql, lockHeadSQL("ds"))
 }
 
 // A page asks for as many entries as fit its byte bound at the size of the

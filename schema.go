@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
@@ -172,8 +173,9 @@ func createTableSQL(schema, name string, events eventSet, state logState) []stri
 // schema's DDL lock it also recreates the schema and the trigger function,
 // which another connector may have destroyed since this one connected.
 func (c *Connector) ensureTable(ctx context.Context, name string) error {
-	return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		schema := c.cfg.schema
+	schema := c.cfg.schema
+	var state logState
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 			return err
 		}
@@ -188,8 +190,7 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		}
 		// The schema may be new since Connect (destroyed, and made here
 		// again): it gets the log Connect would give it.
-		state, err := prepareLog(ctx, tx, schema, c.cfg.changeLog)
-		if err != nil {
+		if state, err = prepareLog(ctx, tx, schema, c.cfg.changeLog); err != nil {
 			return err
 		}
 		c.logged.Store(state != logNone)
@@ -207,6 +208,12 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		}
 		return nil
 	})
+	if err == nil && state == logStarting {
+		// A log made over tables that some other connector made meanwhile:
+		// bring them in line, as Connect would.
+		err = switchLogOn(ctx, c.pool, schema, c.cfg.events, !c.cfg.eventsChosen)
+	}
+	return err
 }
 
 // setupSchema creates the schema and pgstore's trigger function in it, each
@@ -238,15 +245,19 @@ func setupSchema(ctx context.Context, tx pgx.Tx, schema string) error {
 			}
 		}
 	}
-	// A schema made before WithoutChangeLog was recorded lacks its column.
-	err = tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'change_log_off' AND NOT attisdropped)",
-		pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&exists)
+	// A schema made before WithoutChangeLog was recorded lacks its column;
+	// a role that does not own the table cannot add it, and works without
+	// (see prepareLog).
+	var owned bool
+	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = c.oid AND attname = 'change_log_off' AND NOT attisdropped),
+		pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $1::regclass`,
+		pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&exists, &owned)
 	if err != nil {
 		return err
 	}
-	if !exists {
+	if !exists && owned {
 		if _, err := tx.Exec(ctx, addLogOffSQL(schema)); err != nil {
-			return fmt.Errorf("record WithoutChangeLog in %q: %w", schema, err)
+			return err
 		}
 	}
 	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -366,44 +377,44 @@ func listTables(ctx context.Context, q interface {
 // Tables already in line cost nothing but the catalogue query; each table
 // that changes has a transaction of its own, so that a schema of thousands of
 // tables never holds thousands of locks at once.
+//
+// Each table's triggers are decided in its transaction, under the DDL lock,
+// from what holds then: another connector may have moved the log on since
+// state was read (a rolling start switches every node at once), and with
+// follow, events are the schema's as recorded then, not as read before.
 func syncTriggers(ctx context.Context, db interface {
 	beginner
 	Query(context.Context, string, ...any) (pgx.Rows, error)
-}, schema string, events eventSet, state logState) error {
+}, schema string, events eventSet, follow bool, state logState) error {
 	tables, err := listTables(ctx, db, schema)
 	if err != nil {
 		return err
 	}
 	for _, t := range tables {
-		var stmts []string
-		ident := pgx.Identifier{schema, t.name}.Sanitize()
-		switch has, want := slices.Contains(t.triggers, headLockTrigger), state != logNone && events&rowEvents != 0; {
-		case has && !want:
-			stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident)
-		case !has && want:
-			stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident, headLockTriggerSQL(schema, t.name))
-		}
-		for _, tr := range rowTriggers {
-			for _, kind := range []bool{false, true} {
-				name := triggerName(tr.name, kind)
-				want := events.has(tr.event) && (kind && state != logNone || !kind && state != logOn)
-				switch has := slices.Contains(t.triggers, name); {
-				case has && !want:
-					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident)
-				case !has && want:
-					stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident, // created meanwhile by another connector
-						rowTriggerSQL(schema, t.name, tr.name, tr.when, kind))
-				}
-			}
-		}
-		if len(stmts) == 0 {
+		if len(triggerChanges(schema, t.name, t.triggers, events, state)) == 0 {
 			continue
 		}
 		err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, ddlLockSQL, schema); err != nil {
 				return err
 			}
-			for _, stmt := range stmts {
+			now, err := readLogState(ctx, tx, schema)
+			if err != nil {
+				return err
+			}
+			events := events
+			if follow {
+				if events, err = schemaEvents(ctx, tx, schema, events); err != nil {
+					return err
+				}
+			}
+			var triggers []string
+			err = tx.QueryRow(ctx, `SELECT coalesce(array_agg(tgname ORDER BY tgname), '{}') FROM pg_trigger
+				WHERE tgrelid = $1::regclass AND tgname LIKE 'pgstore\_%'`, pgx.Identifier{schema, t.name}.Sanitize()).Scan(&triggers)
+			if err != nil {
+				return err
+			}
+			for _, stmt := range triggerChanges(schema, t.name, triggers, events, max(state, now)) {
 				if _, err := tx.Exec(ctx, stmt); err != nil {
 					return err
 				}
@@ -415,6 +426,33 @@ func syncTriggers(ctx context.Context, db interface {
 		}
 	}
 	return nil
+}
+
+// triggerChanges returns the statements that give a table that has the
+// given pgstore triggers those of events in a schema where the log stands at
+// state.
+func triggerChanges(schema, table string, triggers []string, events eventSet, state logState) []string {
+	var stmts []string
+	ident := pgx.Identifier{schema, table}.Sanitize()
+	switch has, want := slices.Contains(triggers, headLockTrigger), state != logNone && events&rowEvents != 0; {
+	case has && !want:
+		stmts = append(stmts, "DROP TRIGGER IF EXISTS "+headLockTrigger+" ON "+ident)
+	case !has && want:
+		stmts = append(stmts, headLockTriggerSQL(schema, table))
+	}
+	for _, tr := range rowTriggers {
+		for _, kind := range []bool{false, true} {
+			name := triggerName(tr.name, kind)
+			want := events.has(tr.event) && (kind && state != logNone || !kind && state != logOn)
+			switch has := slices.Contains(triggers, name); {
+			case has && !want:
+				stmts = append(stmts, "DROP TRIGGER IF EXISTS "+name+" ON "+ident)
+			case !has && want:
+				stmts = append(stmts, rowTriggerSQL(schema, table, tr.name, tr.when, kind))
+			}
+		}
+	}
+	return stmts
 }
 
 // checkName is the start of every call that takes a schema or table name:
@@ -431,7 +469,10 @@ func (c *Connector) checkName(call, kind, name string) error {
 
 // CreateSchema creates a schema, ready for connectors, if it does not exist,
 // with a change log unless the connector has WithoutChangeLog (see
-// WithChangeLog).
+// WithChangeLog). On a schema that exists, it does what Connect does with the
+// connector's options: it records WithChangeLog's retention or
+// WithoutChangeLog, makes the log where a connector without options would, and
+// refuses WithoutChangeLog on a schema that has a log.
 func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if err := c.checkName("CreateSchema", "schema", name); err != nil {
 		return err
@@ -440,10 +481,13 @@ func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 		return fmt.Errorf("pgstore: CreateSchema: refusing PostgreSQL's own schema %q", name)
 	}
 	state, events, err := prepareSchema(ctx, c.pool, name, c.cfg.changeLog, nil, allEvents)
+	if err == nil && c.cfg.changeLog.off && state != logNone {
+		err = errLogOn
+	}
 	if err == nil && state == logStarting {
 		// An existing schema's tables, brought in line as a connector on
 		// it would.
-		err = switchLogOn(ctx, c.pool, name, events)
+		err = switchLogOn(ctx, c.pool, name, events, true)
 	}
 	if err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)
@@ -477,7 +521,10 @@ func (c *Connector) DestroySchema(ctx context.Context, name string) error {
 	if systemSchema(name) {
 		return fmt.Errorf("pgstore: DestroySchema: refusing to drop the system schema %q", name)
 	}
-	err := destroySchema(ctx, c.pool, name, c.cfg.events, c.awaitLogReaders)
+	grace := time.Now().Add(destroyGrace) // for the whole call, however many rounds
+	err := destroySchema(ctx, c.pool, name, c.cfg.events, func(ctx context.Context, schema string) {
+		c.awaitLogReaders(ctx, schema, grace)
+	})
 	if err != nil {
 		if errors.Is(err, ErrSchemaNotFound) {
 			return err

@@ -125,7 +125,7 @@ func (s *sqlSink) writeStaged(ctx context.Context, tables []*tableBatch, token s
 	}
 	// The marker goes with the last statements, where it costs no round
 	// trip of its own; where in the transaction it is makes no difference.
-	s.queueMarker(&pb, token)
+	s.queueMarker(&pb, token, false) // the head is locked at the BEGIN
 	if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
 		return false, be, err
 	}

@@ -203,8 +203,7 @@ func (s *sqlSink) writePipelined(ctx context.Context, tables []*tableBatch, toke
 	}
 	defer conn.Release()
 	var pb pgx.Batch
-	s.queueHeadLock(&pb)
-	s.queueMarker(&pb, token)
+	s.queueMarker(&pb, token, true)
 	for _, tb := range tables {
 		s.queueWrites(&pb, tb, token, false)
 	}
@@ -286,14 +285,6 @@ func (s *sqlSink) queueWrites(pb *pgx.Batch, tb *tableBatch, token string, stage
 	}
 }
 
-// queueHeadLock queues, on a schema with a change log, the lock of its head
-// (see lockHeadSQL).
-func (s *sqlSink) queueHeadLock(pb *pgx.Batch) {
-	if s.c.logged.Load() {
-		pb.Queue(lockHeadSQL(s.c.cfg.schema))
-	}
-}
-
 // markRefused gives the sets that the version guard kept out their error.
 func (s *sqlSink) markRefused(tables []*tableBatch) {
 	for _, tb := range tables {
@@ -367,8 +358,7 @@ func (s *sqlSink) writeIsolated(ctx context.Context, b *writebuf.Batch, tables [
 		}
 		defer tx.Rollback(ctx) //nolint:errcheck // after Commit it does nothing
 		var pb pgx.Batch
-		s.queueHeadLock(&pb)
-		s.queueMarker(&pb, token)
+		s.queueMarker(&pb, token, true)
 		if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
 			return err
 		}

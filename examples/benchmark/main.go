@@ -144,18 +144,6 @@ func measure(ctx context.Context, s settings, rep *benchkit.Report) error {
 	var groups []figureGroup
 	for _, g := range figureGroups {
 		if slices.Contains(s.figures, g.Name) {
-			g := g
-			if os.Getenv("CKPT") != "" {
-				run := g.Run
-				g.Run = func(ctx context.Context, e *env) error {
-					t := time.Now()
-					if _, err := e.raw.Exec(ctx, "CHECKPOINT"); err != nil {
-						return err
-					}
-					progress("checkpoint took %v", time.Since(t))
-					return run(ctx, e)
-				}
-			}
 			groups = append(groups, g)
 		}
 	}

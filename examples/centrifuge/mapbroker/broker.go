@@ -170,7 +170,7 @@ func (b *Broker) checkLog(ctx context.Context) error {
 	var active bool
 	err := b.pool.QueryRow(ctx, readLog).Scan(&viaPool, &active)
 	if isUndefinedTable(err) || err == nil && !active {
-		return fmt.Errorf("%w: schema %q has no change log (WithoutChangeLog was recorded in it); open a connector with pgstore.WithChangeLog to turn it on", ErrUnsupported, schema)
+		return fmt.Errorf("%w: schema %q has no change log (the store has pgstore.WithoutChangeLog, or the schema recorded it); open a connector with pgstore.WithChangeLog to turn it on", ErrUnsupported, schema)
 	}
 	if err != nil {
 		return fmt.Errorf("mapbroker: read the change log of schema %q: %w", schema, err)
