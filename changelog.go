@@ -434,6 +434,7 @@ type logHeadRow struct {
 	log      string
 	position int64
 	dropped  int64
+	part     int16 // the partition that takes the appends
 	now      time.Time
 	skew     time.Duration // how far the client's clock is ahead, as readLog measures it
 }
@@ -446,7 +447,7 @@ func readHead(ctx context.Context, q interface {
 	return h, err
 }
 
-func (h *logHeadRow) scan() []any { return []any{&h.log, &h.position, &h.dropped, &h.now} }
+func (h *logHeadRow) scan() []any { return []any{&h.log, &h.position, &h.dropped, &h.part, &h.now} }
 
 // clientTime is a time of the server's clock in the client's: a lag measured
 // against the client's clock is then not off by the difference between the
@@ -533,7 +534,7 @@ func (sc *logScanner) scan(rows pgx.Rows, e *logEntry) error {
 // readHeadSQL reads the log's identity, end, the last position retention
 // removed, and the server's clock.
 func readHeadSQL(schema string) string {
-	return "SELECT replace(log_id::text, '-', ''), position, dropped, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize()
+	return "SELECT replace(log_id::text, '-', ''), position, dropped, part, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize()
 }
 
 // readHeadGenericSQL is readHeadSQL that also sets plan_cache_mode to
@@ -543,10 +544,14 @@ func readHeadGenericSQL(schema string) string {
 	return readHeadSQL(schema) + ", (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)) AS generic"
 }
 
-// readPageSQL reads a page of entries after a position ($1, at most $2).
-func readPageSQL(schema string) string {
-	return "SELECT position, off, tbl, id, op::text, coalesce(version, 0), val, at FROM " +
-		pgx.Identifier{schema, logEntries}.Sanitize() + " WHERE position > $1 ORDER BY position LIMIT $2"
+// readPageSQL reads a page of entries after a position ($1, at most $2),
+// from the whole log, or with part >= 0 from that partition alone.
+func readPageSQL(schema string, part int) string {
+	from := pgx.Identifier{schema, logEntries}.Sanitize()
+	if part >= 0 {
+		from = logPart(schema, part)
+	}
+	return "SELECT position, off, tbl, id, op::text, coalesce(version, 0), val, at FROM " + from + " WHERE position > $1 ORDER BY position LIMIT $2"
 }
 
 // janitorLockSQL elects the one connector that rotates a schema's log.

@@ -180,10 +180,50 @@ func TestAReadOfTheLogMeasuresTheClocksDifferenceBeforeItsPage(t *testing.T) {
 		require.NoError(t, c.Set(ctx, fmt.Sprintf("t/k%d", i), 1, big))
 	}
 	start := time.Now()
-	page, head, err := c.readLog(ctx, c.cfg.schema, 0, logPageEntries)
+	page, head, err := c.readLog(ctx, c.cfg.schema, 0, logPageEntries, -1)
 	took := time.Since(start)
 	require.NoError(t, err)
 	require.NotEmpty(t, page)
 	require.GreaterOrEqual(t, head.skew, -50*time.Millisecond, "the server's clock is this machine's")
 	require.LessOrEqual(t, head.skew, took, "measured within the read")
+}
+
+// A reader at the log's end reads the partition that took the appends at its
+// last read; what that partition cannot give it (the log rotated since, or
+// the partition was emptied and reused) it reads from the whole log. So the
+// partition it guesses never changes what it reads: the page is the whole
+// log's, or its start up to the partition's last entry, which the next read
+// goes on from.
+func TestAReadOfOnePartitionGivesTheStartOfWhatTheWholeLogWould(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := newTestConnector(t, WithChangeLog(time.Hour))
+	write := func(n int) {
+		for range n {
+			require.NoError(t, c.Set(ctx, "t/k", 1, 1))
+		}
+	}
+	// From every position the log still holds, guessing every partition.
+	sweep := func() {
+		t.Helper()
+		head, err := readHead(ctx, c.pool, c.cfg.schema)
+		require.NoError(t, err)
+		for pos := head.dropped; pos <= head.position; pos++ {
+			want, _, err := c.readLog(ctx, c.cfg.schema, pos, logPageEntries, -1)
+			require.NoError(t, err)
+			for part := range logParts {
+				got, _, err := c.readLog(ctx, c.cfg.schema, pos, logPageEntries, part)
+				require.NoError(t, err)
+				require.Equal(t, len(want) == 0, len(got) == 0, "from %d, partition %d", pos, part)
+				require.Equal(t, want[:len(got)], got, "from %d, partition %d (the head's is %d)", pos, part, head.part)
+			}
+		}
+	}
+	write(3)
+	sweep()
+	for range 2 * logParts { // every partition emptied and reused, twice
+		require.NoError(t, c.RotateLog(ctx))
+		write(2)
+		sweep()
+	}
 }
