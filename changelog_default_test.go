@@ -125,9 +125,8 @@ func TestCreateSchemaMakesASchemaWhoseLogIsOn(t *testing.T) {
 // Nodes started together on a schema without a log (a rolling upgrade) all
 // switch it on at once: each succeeds, and the tables end with the log's
 // triggers alone. (That no node gives a table back the NOTIFY triggers that
-// another removed, deciding from a stale state, rests on each table's
-// triggers being decided under the DDL lock; this test rarely meets that
-// window.)
+// another removed, deciding from a stale state, this test rarely meets;
+// TestSyncTriggersWorkingFromAStaleStateUndoesNothing makes it happen.)
 func TestConnectorsSwitchingTheLogOnTogetherLeaveOnlyTheLogsTriggers(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)

@@ -227,3 +227,29 @@ func TestAReadOfOnePartitionGivesTheStartOfWhatTheWholeLogWould(t *testing.T) {
 		sweep()
 	}
 }
+
+// syncTriggers decides each table's triggers under the DDL lock from what
+// holds then, not from what its caller read before: a node that read the
+// log as still switching, or the schema's events before another connector
+// recorded new ones, must not undo what the others did since.
+func TestSyncTriggersWorkingFromAStaleStateUndoesNothing(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	feed := newTestConnector(t, WithoutChangeLog())
+	schema := feed.cfg.schema
+	require.NoError(t, feed.Set(ctx, "t/a", 1, 1))
+	newTestConnector(t, WithSchema(schema), WithChangeLog(time.Hour)) // switches the log on
+	events := newTestConnector(t, WithSchema(schema), WithEvents(Insert, Delete))
+	triggers := func() []string {
+		tables, err := listTables(ctx, feed.pool, schema)
+		require.NoError(t, err)
+		require.Len(t, tables, 1)
+		return tables[0].triggers
+	}
+	want := []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock"}
+	require.Equal(t, want, triggers())
+
+	// As a node that read the log as still switching and all five events.
+	require.NoError(t, syncTriggers(ctx, events.pool, schema, allEvents, true, logStarting))
+	require.Equal(t, want, triggers(), "no NOTIFY trigger back, no UPDATE trigger back")
+}
