@@ -155,3 +155,16 @@ func TestConnectorsSwitchingTheLogOnTogetherLeaveOnlyTheLogsTriggers(t *testing.
 			tableTriggers(t, pgtest.Pool(t), schema, table), "table %s", table)
 	}
 }
+
+// A schema whose feed is off, or tells of tables only, has nothing for a log
+// to hold but the cost of its head lock: a connector without WithChangeLog
+// makes none there.
+func TestASchemaWithoutRecordEventsGetsNoLogByDefault(t *testing.T) {
+	t.Parallel()
+	for _, events := range [][]pgstore.EventType{nil, {pgstore.CreateTable, pgstore.DestroyTable}} {
+		c, schema := connectNamed(t, pgstore.WithEvents(events...))
+		require.NoError(t, c.Set(testCtx(t), "t/a", 1, 1))
+		require.Zero(t, logRetention(t, schema), "events %v", events)
+		require.Nil(t, c.Stats().Log)
+	}
+}

@@ -190,14 +190,14 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		}
 		// The schema may be new since Connect (destroyed, and made here
 		// again): it gets the log Connect would give it.
-		if state, err = prepareLog(ctx, tx, schema, c.cfg.changeLog); err != nil {
-			return err
-		}
-		c.logged.Store(state != logNone)
 		events, err := schemaEvents(ctx, tx, schema, c.cfg.events)
 		if err != nil {
 			return err
 		}
+		if state, err = prepareLog(ctx, tx, schema, c.cfg.changeLog, events); err != nil {
+			return err
+		}
+		c.logged.Store(state != logNone)
 		for _, stmt := range createTableSQL(schema, name, events, state) {
 			if _, err := tx.Exec(ctx, stmt); err != nil {
 				return err
@@ -291,10 +291,10 @@ func prepareSchema(ctx context.Context, db beginner, schema string, choice logCh
 				return err
 			}
 		}
-		if state, err = prepareLog(ctx, tx, schema, choice); err != nil {
+		if recorded, err = schemaEvents(ctx, tx, schema, fallback); err != nil {
 			return err
 		}
-		if recorded, err = schemaEvents(ctx, tx, schema, fallback); err != nil {
+		if state, err = prepareLog(ctx, tx, schema, choice, recorded); err != nil {
 			return err
 		}
 		for _, stmt := range sweepMarkersSQL(schema) {
