@@ -292,8 +292,8 @@ var errLogOn = errors.New("WithoutChangeLog: the schema has a change log, and a 
 // and reports where the schema then stands with it. Without WithChangeLog or
 // WithoutChangeLog, a schema that has no log gets one, with
 // DefaultChangeLogRetention, unless WithoutChangeLog was recorded in it or
-// its events (the schema's, as recorded) hold no record events: a schema
-// with its feed off would get only the head lock's cost from a log. A log
+// its events (the schema's, as recorded) are none: a schema with its feed
+// off would get only the head lock's cost from a log. A log
 // made in a schema without record tables is on at once: there is no table to
 // bring in line. The caller holds the schema's DDL lock.
 func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice, events eventSet) (logState, error) {
@@ -328,7 +328,7 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 		return logNone, err
 	}
-	if choice.retention == 0 && (off || events&rowEvents == 0) {
+	if choice.retention == 0 && (off || events == 0) {
 		return logNone, nil
 	}
 	retention := cmp.Or(choice.retention, DefaultChangeLogRetention)
@@ -365,7 +365,7 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 // option, a connector follows what the schema records: it uses the schema's
 // log, keeps the NOTIFY feed where WithoutChangeLog was recorded, and
 // otherwise makes a log with DefaultChangeLogRetention (unless the schema's
-// events, see WithEvents, hold no record events). A connector given
+// feed is off: WithEvents with no events). A connector given
 // the option records its retention. retention must be at least a minute.
 func WithChangeLog(retention time.Duration) Option {
 	return func(c *config) error {

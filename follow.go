@@ -265,7 +265,8 @@ func (s *Subscription) wants(e Event) bool {
 // emptied and reused) is read again from the whole log.
 func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit, part int) ([]logEntry, logHeadRow, error) {
 	page, head, err := c.readPage(ctx, schema, pos, limit, part)
-	if err == nil && part >= 0 && pos >= head.dropped && head.position > pos && (len(page) == 0 || page[0].position != pos+1) {
+	misses := len(page) == 0 && head.position > pos || len(page) > 0 && page[0].position != pos+1
+	if err == nil && part >= 0 && pos >= head.dropped && misses {
 		page, head, err = c.readPage(ctx, schema, pos, limit, -1)
 	}
 	if err != nil {

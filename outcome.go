@@ -118,26 +118,32 @@ func newToken() string {
 // the tokens of settled attempts once spentBatch of them have gathered. With
 // lockHead, on a schema with a change log, the same statement takes the log's
 // head lock first thing in the transaction (see lockHeadSQL): a statement
-// fewer in every flush, which a one-row flush measures.
+// fewer in every flush, which a one-row flush measures. The marker's parts
+// then read the lock's row, so that they run after it: the parts of one
+// statement run in no set order otherwise.
 func (s *sqlSink) queueMarker(pb *pgx.Batch, token string, lockHead bool) {
 	schema := s.c.cfg.schema
 	commits := pgx.Identifier{schema, commitsTable}.Sanitize()
-	args := []any{token}
+	locked := lockHead && s.c.logged.Load()
+	after := "" // what makes a part wait for the lock
 	var with []string
+	if locked {
+		with = append(with, "locked AS ("+lockHeadSQL(schema)+")")
+		after = " AND EXISTS (SELECT FROM locked)"
+	}
+	args := []any{token}
 	s.deleting = 0
 	if len(s.spent) >= spentBatch {
 		s.deleting = len(s.spent)
-		with = append(with, "spent AS (DELETE FROM "+commits+" WHERE token = ANY($2::uuid[]))")
+		with = append(with, "spent AS (DELETE FROM "+commits+" WHERE token = ANY($2::uuid[])"+after+")")
 		if s.c.cfg.versionGuard {
-			with = append(with, "refused AS (DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($2::uuid[]))")
+			with = append(with, "refused AS (DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($2::uuid[])"+after+")")
 		}
 		args = append(args, s.spent)
 	}
-	insert := "INSERT INTO " + commits + " (token) VALUES ($1::uuid)"
-	main := insert
-	if lockHead && s.c.logged.Load() {
-		with = append(with, "marker AS ("+insert+")")
-		main = lockHeadSQL(schema)
+	main := "INSERT INTO " + commits + " (token) VALUES ($1::uuid)"
+	if locked {
+		main = "INSERT INTO " + commits + " (token) SELECT $1::uuid FROM locked"
 	}
 	if len(with) > 0 {
 		main = "WITH " + strings.Join(with, ", ") + " " + main

@@ -114,13 +114,14 @@ func TestOnALoggedSchemaTheMarkerStatementTakesTheHeadLock(t *testing.T) {
 	require.NotContains(t, marker(false), "FOR UPDATE")
 	sql := marker(true)
 	require.Contains(t, sql, "INSERT INTO")
-	require.Contains(t, sql, lockHeadSQL("ds"))
+	require.Contains(t, sql, "locked AS ("+lockHeadSQL("ds")+")")
+	require.Contains(t, sql, "FROM locked", "the insert waits for the lock")
 	for i := range spentBatch {
 		s.committed(fmt.Sprint("t", i))
 	}
 	sql = marker(true)
 	require.Contains(t, sql, "DELETE")
-	require.Contains(t, sql, lockHeadSQL("ds"))
+	require.Contains(t, sql, "EXISTS (SELECT FROM locked)", "the deletes wait for the lock")
 }
 
 // A page asks for as many entries as fit its byte bound at the size of the

@@ -414,7 +414,11 @@ func syncTriggers(ctx context.Context, db interface {
 			if err != nil {
 				return err
 			}
-			for _, stmt := range triggerChanges(schema, t.name, triggers, events, max(state, now)) {
+			state := max(state, now)
+			if now == logNone {
+				state = logNone // the log went with its schema, made again without one
+			}
+			for _, stmt := range triggerChanges(schema, t.name, triggers, events, state) {
 				if _, err := tx.Exec(ctx, stmt); err != nil {
 					return err
 				}
