@@ -293,9 +293,9 @@ var errLogOn = errors.New("WithoutChangeLog: the schema has a change log, and a 
 // WithoutChangeLog, a schema that has no log gets one, with
 // DefaultChangeLogRetention, unless WithoutChangeLog was recorded in it or
 // its events (the schema's, as recorded) are none: a schema with its feed
-// off would get only the head lock's cost from a log. A log
-// made in a schema without record tables is on at once: there is no table to
-// bring in line. The caller holds the schema's DDL lock.
+// off would get only the head lock's cost from a log. A log made in a schema
+// without record tables is on at once: there is no table to bring in line.
+// The caller holds the schema's DDL lock.
 func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice, events eventSet) (logState, error) {
 	state, err := readLogState(ctx, tx, schema)
 	if err != nil {
@@ -365,8 +365,8 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 // option, a connector follows what the schema records: it uses the schema's
 // log, keeps the NOTIFY feed where WithoutChangeLog was recorded, and
 // otherwise makes a log with DefaultChangeLogRetention (unless the schema's
-// feed is off: WithEvents with no events). A connector given
-// the option records its retention. retention must be at least a minute.
+// feed is off: WithEvents with no events). A connector given the option
+// records its retention. retention must be at least a minute.
 func WithChangeLog(retention time.Duration) Option {
 	return func(c *config) error {
 		if retention < time.Minute {
