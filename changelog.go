@@ -242,22 +242,27 @@ func readLogState(ctx context.Context, q interface {
 	return logStarting, nil
 }
 
-// switchLogOn finishes the switch of a schema to its change log, made over
-// existing tables: every table gets the log's triggers beside its NOTIFY
-// ones, the log goes on, the NOTIFY feed's subscriptions (on every node) are
-// told to switch to it, and then the NOTIFY triggers go. With follow, the
-// tables get the events the schema records (see syncTriggers).
-func switchLogOn(ctx context.Context, pool *pgxpool.Pool, schema string, events eventSet, follow bool) error {
+// switchLogOn finishes, where state is logStarting, the switch of a schema
+// to a change log made over existing tables (here, or by a connector that
+// has not finished or ended before it did): every table gets the log's
+// triggers beside its NOTIFY ones, the log goes on, the NOTIFY feed's
+// subscriptions (on every node) are told to switch to it, and then the
+// NOTIFY triggers go. With follow, the tables get the events the schema
+// records (see syncTriggers). It returns where the schema then stands.
+func switchLogOn(ctx context.Context, pool *pgxpool.Pool, schema string, state logState, events eventSet, follow bool) (logState, error) {
+	if state != logStarting {
+		return state, nil
+	}
 	if err := syncTriggers(ctx, pool, schema, events, follow, logStarting); err != nil {
-		return err
+		return state, err
 	}
 	if _, err := activateLog(ctx, pool, schema); err != nil {
-		return err
+		return state, err
 	}
 	if err := syncTriggers(ctx, pool, schema, events, follow, logOn); err != nil {
-		return fmt.Errorf("remove the NOTIFY triggers, now that the change log is on: %w", err)
+		return logOn, fmt.Errorf("remove the NOTIFY triggers, now that the change log is on: %w", err)
 	}
-	return nil
+	return logOn, nil
 }
 
 // activateLog marks the schema's log on, and tells the NOTIFY feed's
@@ -321,11 +326,8 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 		}
 		return state, err
 	}
-	// Through to_jsonb, so that a settings table without the column (see
-	// setupSchema) reads as no choice recorded.
-	var off bool
-	err = tx.QueryRow(ctx, "SELECT coalesce((to_jsonb(s) ->> 'change_log_off')::boolean, false) FROM "+settings+" s").Scan(&off)
-	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+	off, err := logOffRecorded(ctx, tx, schema)
+	if err != nil {
 		return logNone, err
 	}
 	if choice.retention == 0 && (off || events == 0) {
@@ -353,6 +355,21 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 		return logNone, err
 	}
 	return logOn, announceLog(ctx, tx, schema)
+}
+
+// logOffRecorded reports whether the schema records WithoutChangeLog: read
+// through to_jsonb, so that a settings table without the column (see
+// setupSchema) reads as no choice recorded, and a missing row as none.
+func logOffRecorded(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, schema string) (bool, error) {
+	var off bool
+	err := q.QueryRow(ctx, "SELECT coalesce((to_jsonb(s) ->> 'change_log_off')::boolean, false) FROM "+
+		pgx.Identifier{schema, settingsTable}.Sanitize()+" s").Scan(&off)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	return off, err
 }
 
 // WithChangeLog sets the retention of the schema's change log, and turns the

@@ -99,7 +99,7 @@ func TestASchemaOfAnEarlierPgstoreGetsTheLogByDefault(t *testing.T) {
 
 	connectSchema(t, schema)
 	require.Equal(t, pgstore.DefaultChangeLogRetention, logRetention(t, schema))
-	require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
+	require.Equal(t, logTriggers,
 		tableTriggers(t, pgtest.Pool(t), schema, "t"))
 	resync := got.waitFor(t, 1)[0]
 	require.Equal(t, pgstore.Resync, resync.Type)
@@ -151,7 +151,7 @@ func TestConnectorsSwitchingTheLogOnTogetherLeaveOnlyTheLogsTriggers(t *testing.
 		require.NoError(t, <-errs)
 	}
 	for _, table := range tables {
-		require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
+		require.Equal(t, logTriggers,
 			tableTriggers(t, pgtest.Pool(t), schema, table), "table %s", table)
 	}
 }

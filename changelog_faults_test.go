@@ -889,7 +889,7 @@ func TestChangeLogFaultDropTableIsLoggedAndSwitchingTheLogOnTakesInExistingTable
 
 	logged := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour))
 	for _, table := range []string{"old", "gone"} {
-		require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"}, tableTriggers(t, pool, schema, table),
+		require.Equal(t, logTriggers, tableTriggers(t, pool, schema, table),
 			"the existing table %s appends to the log, and notifies no more", table)
 	}
 	got := newFaultRecorder()
@@ -919,7 +919,7 @@ func TestChangeLogFaultDropTableIsLoggedAndSwitchingTheLogOnTakesInExistingTable
 	}, seen)
 	requireConsecutive(t, events, 0, "feed")
 	requireTheLog(t, events, logEntries(t, pool, schema), "feed")
-	require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"}, tableTriggers(t, pool, schema, "gone"),
+	require.Equal(t, logTriggers, tableTriggers(t, pool, schema, "gone"),
 		"a table made again by a connector that connected before the log gets the log's triggers")
 	sentinel(t, ctx, logged, "gone/sentinel", got)
 }

@@ -52,7 +52,7 @@ func TestASwitchToTheLogThatStopsHalfwayLosesNothing(t *testing.T) {
 	// The next connector that does not refuse the log, with WithChangeLog
 	// or without, finishes the switch.
 	reader := connectSchema(t, schema)
-	require.Equal(t, []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"},
+	require.Equal(t, logTriggers,
 		tableTriggers(t, pool, schema, "t"))
 	got := newEventLog()
 	sub, err := reader.Subscribe(ctx, got.handle)

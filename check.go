@@ -468,10 +468,7 @@ func (c *Connector) checkLog(ctx context.Context, r *Report) error {
 	}
 	switch state {
 	case logNone:
-		var off bool
-		// A schema made before the choice was recorded has no column for it.
-		_ = c.pool.QueryRow(ctx, "SELECT change_log_off FROM "+pgx.Identifier{schema, settingsTable}.Sanitize()).Scan(&off)
-		if off {
+		if off, _ := logOffRecorded(ctx, c.pool, schema); off { // a schema without pgstore's tables records nothing
 			r.add(name, true, "none, as WithoutChangeLog recorded: the feed is NOTIFY payloads, and a lost LISTEN connection costs subscribers a Resync (WithChangeLog turns the log on)", "")
 		} else {
 			r.add(name, true, "none yet: the next connector on the schema without WithoutChangeLog makes one", "")

@@ -210,13 +210,8 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 			return nil, fmt.Errorf("pgstore: update the triggers of schema %q to WithEvents and WithChangeLog: %w", cfg.schema, err)
 		}
 	}
-	if state == logStarting {
-		// A log was made over existing tables, here or by a connector
-		// that has not finished (or ended before it did): finish.
-		if err := switchLogOn(ctx, pool, cfg.schema, cfg.events, !cfg.eventsChosen); err != nil {
-			return nil, fmt.Errorf("pgstore: switch the change log of schema %q on: %w", cfg.schema, err)
-		}
-		state = logOn
+	if state, err = switchLogOn(ctx, pool, cfg.schema, state, cfg.events, !cfg.eventsChosen); err != nil {
+		return nil, fmt.Errorf("pgstore: switch the change log of schema %q on: %w", cfg.schema, err)
 	}
 	logged := state != logNone
 	c := &Connector{
@@ -273,8 +268,8 @@ func start(ctx context.Context, pool *pgxpool.Pool, cfg config) (*Connector, err
 // it was dropped behind the connector's back (or by DestroySchema).
 func (c *Connector) prepareAgain(ctx context.Context) error {
 	state, events, err := prepareSchema(ctx, c.pool, c.cfg.schema, c.cfg.changeLog, nil, c.cfg.events)
-	if err == nil && state == logStarting {
-		err = switchLogOn(ctx, c.pool, c.cfg.schema, events, !c.cfg.eventsChosen)
+	if err == nil {
+		state, err = switchLogOn(ctx, c.pool, c.cfg.schema, state, events, !c.cfg.eventsChosen)
 	}
 	if err != nil {
 		return err

@@ -129,6 +129,10 @@ func tableTriggers(t *testing.T, pool *pgxpool.Pool, schema, table string) []str
 	return names
 }
 
+// logTriggers are the pgstore triggers of a record table whose every event
+// goes to the change log, as tableTriggers lists them.
+var logTriggers = []string{"pgstore_log_delete", "pgstore_log_insert", "pgstore_log_lock", "pgstore_log_update"}
+
 // storedRow reads a row straight from its table, bypassing the connector.
 func storedRow(t testing.TB, c *pgstore.Connector, schema, table, id string) (version int64, val string, found bool) {
 	t.Helper()

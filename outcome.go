@@ -135,9 +135,9 @@ func (s *sqlSink) queueMarker(pb *pgx.Batch, token string, lockHead bool) {
 	s.deleting = 0
 	if len(s.spent) >= spentBatch {
 		s.deleting = len(s.spent)
-		with = append(with, "spent AS (DELETE FROM "+commits+" WHERE token = ANY($2::uuid[])"+after+")")
+		with = append(with, "spent AS ("+spentDeleteSQL(schema, commitsTable, "$2")+after+")")
 		if s.c.cfg.versionGuard {
-			with = append(with, "refused AS (DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($2::uuid[])"+after+")")
+			with = append(with, "refused AS ("+spentDeleteSQL(schema, refusedTable, "$2")+after+")")
 		}
 		args = append(args, s.spent)
 	}
@@ -149,6 +149,12 @@ func (s *sqlSink) queueMarker(pb *pgx.Batch, token string, lockHead bool) {
 		main = "WITH " + strings.Join(with, ", ") + " " + main
 	}
 	pb.Queue(main, args...)
+}
+
+// spentDeleteSQL deletes from one of the marker tables the rows of the spent
+// tokens that the parameter param holds.
+func spentDeleteSQL(schema, table, param string) string {
+	return "DELETE FROM " + pgx.Identifier{schema, table}.Sanitize() + " WHERE token = ANY(" + param + "::uuid[])"
 }
 
 // committed records that the attempt with token committed, and with it the
@@ -254,9 +260,9 @@ func (s *sqlSink) deleteSpentOnClose(ctx context.Context) error {
 	defer cancel()
 	schema := s.c.cfg.schema
 	var pb pgx.Batch
-	pb.Queue("DELETE FROM "+pgx.Identifier{schema, commitsTable}.Sanitize()+" WHERE token = ANY($1::uuid[])", s.spent)
+	pb.Queue(spentDeleteSQL(schema, commitsTable, "$1"), s.spent)
 	if s.c.cfg.versionGuard {
-		pb.Queue("DELETE FROM "+pgx.Identifier{schema, refusedTable}.Sanitize()+" WHERE token = ANY($1::uuid[])", s.spent)
+		pb.Queue(spentDeleteSQL(schema, refusedTable, "$1"), s.spent)
 	}
 	if err := s.c.pool.SendBatch(ctx, &pb).Close(); err != nil && !isUndefinedTable(err) {
 		return err // (a schema destroyed took its markers with it)

@@ -172,7 +172,7 @@ func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
 // readLog measures how far the client's clock is ahead of the server's: on
 // one machine, where the two clocks are one, that is not negative and no
 // more than the read took.
-func TestAReadOfTheLogMeasuresTheClocksDifferenceBeforeItsPage(t *testing.T) {
+func TestAReadOfTheLogMeasuresTheClocksDifferenceWithinTheRead(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c := newTestConnector(t, WithChangeLog(time.Hour))

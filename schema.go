@@ -208,10 +208,10 @@ func (c *Connector) ensureTable(ctx context.Context, name string) error {
 		}
 		return nil
 	})
-	if err == nil && state == logStarting {
+	if err == nil {
 		// A log made over tables that some other connector made meanwhile:
 		// bring them in line, as Connect would.
-		err = switchLogOn(ctx, c.pool, schema, c.cfg.events, !c.cfg.eventsChosen)
+		_, err = switchLogOn(ctx, c.pool, schema, state, c.cfg.events, !c.cfg.eventsChosen)
 	}
 	return err
 }
@@ -488,10 +488,10 @@ func (c *Connector) CreateSchema(ctx context.Context, name string) error {
 	if err == nil && c.cfg.changeLog.off && state != logNone {
 		err = errLogOn
 	}
-	if err == nil && state == logStarting {
+	if err == nil {
 		// An existing schema's tables, brought in line as a connector on
 		// it would.
-		err = switchLogOn(ctx, c.pool, name, events, true)
+		_, err = switchLogOn(ctx, c.pool, name, state, events, true)
 	}
 	if err != nil {
 		return fmt.Errorf("pgstore: create schema %q: %w", name, err)

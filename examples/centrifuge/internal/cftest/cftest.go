@@ -8,7 +8,6 @@ package cftest
 import (
 	"fmt"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,36 +26,20 @@ func SkipOrFail(t testing.TB, msg string) {
 	t.Skip(msg)
 }
 
-// schemas are the schemas this process named, by name, with the URL of
-// their server: dropped by their tests' cleanups, and looked for once more
-// by Main, since a test that failed before its cleanup ran may leave one.
-var schemas sync.Map
-
 // Schema names a schema of the test's own, prefix followed by random hex,
 // and drops it with all it holds when the test ends (see
 // pgtest.SchemaWithPrefix). The schema itself is not created: the code
 // under test does that.
 func Schema(t testing.TB, prefix string) string {
 	t.Helper()
-	var schema string
-	t.Cleanup(func() { schemas.Delete(schema) }) // after the drop: cleanups run last first
-	schema = pgtest.SchemaWithPrefix(t, prefix)
-	schemas.Store(schema, pgtest.URL(t))
-	return schema
+	return pgtest.SchemaWithPrefix(t, prefix)
 }
 
-// Main is a TestMain: it runs the tests, drops the schemas of Schema that
-// are still there, and, when everything passed, fails the run if goroutines
-// are left running after leakWait (see FindLeaks). It does not return.
+// Main is a TestMain: it runs the tests and, when everything passed, fails
+// the run if goroutines are left running after leakWait (see FindLeaks). It
+// does not return.
 func Main(m *testing.M, leakWait time.Duration) {
 	code := m.Run()
-	schemas.Range(func(k, v any) bool {
-		if err := pgtest.Drop(v.(string), k.(string)); err != nil {
-			fmt.Fprintf(os.Stderr, "drop schema %s: %v\n", k, err)
-			code = 1
-		}
-		return true
-	})
 	if code == 0 {
 		if err := FindLeaks(leakWait); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
