@@ -169,7 +169,7 @@ func replayFigure(ctx context.Context, e *env) error {
 				})
 			},
 		}
-		if err := runAlternating(round, sides); err != nil {
+		if err := runRotated(round, sides); err != nil {
 			return err
 		}
 	}
@@ -329,7 +329,7 @@ func fanoutFigure(ctx context.Context, e *env) error {
 				})
 			})
 		}
-		if err := runAlternating(round, sides); err != nil {
+		if err := runRotated(round, sides); err != nil {
 			return err
 		}
 	}

@@ -113,7 +113,7 @@ func getFigures(ctx context.Context, e *env) error {
 				})
 			},
 		}
-		if err := runAlternating(round, sides); err != nil {
+		if err := runRotated(round, sides); err != nil {
 			return err
 		}
 	}

@@ -269,7 +269,7 @@ func (e *env) writeFigure(ctx context.Context, d *dataset, feed string) error {
 				})
 			}}
 			sides = append(sides, e.rawSides(ctx, figure, step, tables, d.ids, ph.vals, ph.version, best[ph.name])...)
-			if err := runAlternating(round, sides); err != nil {
+			if err := runRotated(round, sides); err != nil {
 				return err
 			}
 		}
@@ -304,14 +304,15 @@ func (e *env) rawSides(ctx context.Context, figure, step string, tables *writeTa
 	return sides
 }
 
-// runAlternating runs the sides of a round in order, or in reverse order in
-// odd rounds, so that neither side always runs on the warmer server.
-func runAlternating(round int, sides []func() error) error {
+// runRotated runs the sides of a round, round r starting at side r mod
+// len(sides): over as many rounds as sides, each side runs once in every
+// place, so that none always runs first after the round's reset, or after
+// the others have warmed the server. (Reversing the order in odd rounds
+// does that for two sides only: of three, it put the first side first in
+// two rounds of three.)
+func runRotated(round int, sides []func() error) error {
 	for i := range sides {
-		if round%2 == 1 {
-			i = len(sides) - 1 - i
-		}
-		if err := sides[i](); err != nil {
+		if err := sides[(round+i)%len(sides)](); err != nil {
 			return err
 		}
 	}
@@ -378,7 +379,7 @@ func concurrentFigure(ctx context.Context, e *env) error {
 				})
 			},
 		}
-		if err := runAlternating(round, sides); err != nil {
+		if err := runRotated(round, sides); err != nil {
 			return err
 		}
 	}
