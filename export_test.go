@@ -2,7 +2,6 @@ package pgstore
 
 import (
 	"context"
-	"strings"
 	"time"
 )
 
@@ -48,7 +47,7 @@ func WithStuckAfter(d time.Duration) Option {
 // notification queue is less than room full, so that a test can cross the
 // bound without filling half of the 8 GB queue.
 func (c *Connector) SetLogNotifyRoom(ctx context.Context, room float64) error {
-	_, err := c.pool.Exec(ctx, strings.Replace(logFunctionSQL(c.cfg.schema, room), "CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+	_, err := c.pool.Exec(ctx, logFunctionSQL(c.cfg.schema, room))
 	return err
 }
 

@@ -266,7 +266,9 @@ func (s *Subscription) wants(e Event) bool {
 func (c *Connector) readLog(ctx context.Context, schema string, pos int64, limit, part int) ([]logEntry, logHeadRow, error) {
 	page, head, err := c.readPage(ctx, schema, pos, limit, part)
 	misses := len(page) == 0 && head.position > pos || len(page) > 0 && page[0].position != pos+1
-	if err == nil && part >= 0 && pos >= head.dropped && misses {
+	// The head's end was read from the partition too: of use only if the
+	// partition still takes the appends.
+	if err == nil && part >= 0 && (int(head.part) != part || pos >= head.dropped && misses) {
 		page, head, err = c.readPage(ctx, schema, pos, limit, -1)
 	}
 	if err != nil {
@@ -292,7 +294,7 @@ func (c *Connector) readPage(ctx context.Context, schema string, pos int64, limi
 	var head logHeadRow
 	var page []logEntry
 	var pb pgx.Batch
-	pb.Queue(readHeadGenericSQL(schema)).QueryRow(func(row pgx.Row) error {
+	pb.Queue(readHeadGenericSQL(schema, part)).QueryRow(func(row pgx.Row) error {
 		err := row.Scan(head.scan()...)
 		// Here, before the page is read: its transfer is no part of the
 		// difference between the clocks.

@@ -161,7 +161,7 @@ func TestALogReadForcesTheGenericPlanForItselfOnly(t *testing.T) {
 	var before, during, after string
 	require.NoError(t, conn.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&before))
 	var pb pgx.Batch
-	pb.Queue(readHeadGenericSQL(c.cfg.schema))
+	pb.Queue(readHeadGenericSQL(c.cfg.schema, -1))
 	pb.Queue("SHOW plan_cache_mode").QueryRow(func(row pgx.Row) error { return row.Scan(&during) })
 	require.NoError(t, conn.SendBatch(ctx, &pb).Close())
 	require.NoError(t, conn.QueryRow(ctx, "SHOW plan_cache_mode").Scan(&after))

@@ -94,19 +94,24 @@
 // schema with the change log, by name (see sql.go):
 //
 //   - "pgstore/log", the log's head row: log_id (the epoch's name), position
-//     and dropped (the last position retention removed), active (the log is
-//     on); and its row lock, taken FOR UPDATE, which every pgstore batch and
+//     (a floor of the log's end: see below), dropped (the last position
+//     retention removed), active (the log is on); and its row lock, taken
+//     FOR UPDATE, which every pgstore batch and
 //     every record table's BEFORE STATEMENT trigger take first and hold to
 //     commit. The transaction-local setting pgstore.head_locked, set to the
 //     schema's name once the lock is held, spares those triggers taking it
 //     again.
-//   - "pgstore/log_offsets" (tbl, off): a table's last log offset; it is
-//     kept when the table is dropped, so offsets only grow per table name.
+//   - "pgstore/log_offsets" (tbl, off): a floor of a table's last log
+//     offset; kept when the table is dropped, so offsets only grow per
+//     table name.
 //   - "pgstore/log_entries" (position, off, tbl, op, id, version, val),
-//     read by position, its only index.
+//     read by position and by table and offset, its indexes. The log ends
+//     at the greater of the head's position and its last entry's; a table's
+//     offsets at the greater of its floor and its last entry's (see
+//     logEndSQL).
 //   - The triggers' behaviour: a statement that changes one row appends one
-//     entry, at the head's position plus one and the table's offset plus
-//     one, with the row's version and (for inserts and updates) its value.
+//     entry, at the log's end plus one and the table's offset plus one,
+//     with the row's version and (for inserts and updates) its value.
 //   - A record table "<table>" (id text COLLATE "C", version bigint, val
 //     jsonb), written with plain INSERT, UPDATE and DELETE.
 //   - Exported API: Schema, Query (to check the store and the pool see one

@@ -104,15 +104,22 @@ func TestSinceOlderThanTheLogsRetentionIsUnrecoverable(t *testing.T) {
 	first := publish(t, n.broker, "cars", "a", "1")
 	last := publish(t, n.broker, "cars", "b", "2")
 	// What pgstore's retention does when it rotates the log past every
-	// entry: the partitions are emptied and the head records the last
-	// position dropped.
+	// entry: the floors of the log's end and of the tables' offsets rise to
+	// the last entries, the partitions are emptied, and the head records the
+	// last position dropped.
 	schema := n.store.Schema()
-	_, err := n.pool.Exec(ctx, "TRUNCATE "+pgx.Identifier{schema, logEntries}.Sanitize())
-	require.NoError(t, err)
-	_, err = n.pool.Exec(ctx, "UPDATE "+pgx.Identifier{schema, logHead}.Sanitize()+" SET dropped = position")
-	require.NoError(t, err)
+	head, entries, floors := pgx.Identifier{schema, logHead}.Sanitize(), pgx.Identifier{schema, logEntries}.Sanitize(), pgx.Identifier{schema, logOffsets}.Sanitize()
+	for _, stmt := range []string{
+		"UPDATE " + head + " SET position = greatest(position, (SELECT max(position) FROM " + entries + "))",
+		"INSERT INTO " + floors + " AS f SELECT tbl, max(off) FROM " + entries + " GROUP BY tbl ON CONFLICT (tbl) DO UPDATE SET off = greatest(f.off, excluded.off)",
+		"TRUNCATE " + entries,
+		"UPDATE " + head + " SET dropped = position",
+	} {
+		_, err := n.pool.Exec(ctx, stmt)
+		require.NoError(t, err, stmt)
+	}
 
-	_, err = n.broker.ReadStream(ctx, "cars", centrifuge.MapReadStreamOptions{
+	_, err := n.broker.ReadStream(ctx, "cars", centrifuge.MapReadStreamOptions{
 		Filter: centrifuge.StreamFilter{Since: &first.Position, Limit: -1}})
 	assert.ErrorIs(t, err, centrifuge.ErrorUnrecoverablePosition)
 	res := readStream(t, n.broker, "cars", centrifuge.StreamFilter{Since: &last.Position, Limit: -1})

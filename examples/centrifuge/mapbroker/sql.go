@@ -9,8 +9,22 @@ import (
 const (
 	logHead    = "pgstore/log"         // one row: log_id, position, dropped, active
 	logEntries = "pgstore/log_entries" // position, off, tbl, op, id, version, val
-	logOffsets = "pgstore/log_offsets" // tbl, off: the last offset of each table
+	logOffsets = "pgstore/log_offsets" // tbl, off: a table's floor (see logEndSQL)
 )
+
+// logEndSQL and tableOffsetSQL are where the log ends and where a table's
+// offsets end ($1 names the table), for a statement that reads the head as
+// h: pgstore's writers count from the log's entries, under the head lock,
+// above floors that its janitor raises when it empties a partition (the
+// head's position, the offsets table).
+func logEndSQL(entries string) string {
+	return "greatest(h.position, (SELECT le.position FROM " + entries + " le ORDER BY le.position DESC LIMIT 1))"
+}
+
+func tableOffsetSQL(entries, offsets string) string {
+	return "coalesce(greatest((SELECT o.off FROM " + offsets + " o WHERE o.tbl = $1), " +
+		"(SELECT le.off FROM " + entries + " le WHERE le.tbl = $1 ORDER BY le.off DESC LIMIT 1)), 0)"
+}
 
 // The broker's own tables, in the connector's schema. Their names hold a
 // "/", which no record table's name can, so no channel can ever take them.
@@ -111,9 +125,9 @@ func newSQL(schema string) *sqlSet {
 	// schema's. The table is looked up in pg_class rather than with
 	// to_regclass, whose cache may not yet know of a table another session
 	// just made.
-	s.meta = `SELECT replace(h.log_id::text, '-', ''), h.position, h.dropped,
+	s.meta = `SELECT replace(h.log_id::text, '-', ''), ` + logEndSQL(entries) + `, h.dropped,
 		(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $2 AND c.relname = $1),
-		coalesce((SELECT o.off FROM ` + offsets + ` o WHERE o.tbl = $1), 0),
+		` + tableOffsetSQL(entries, offsets) + `,
 		e.base, e.epoch, e.tbl_oid, e.meta_expires,
 		(SELECT st.at FROM ` + stream + ` st WHERE st.tbl = $1 ORDER BY st.off DESC LIMIT 1), now()
 		FROM ` + head + ` h LEFT JOIN LATERAL (SELECT base, epoch, tbl_oid, meta_expires FROM ` + epochs + ` WHERE tbl = $1 ORDER BY base DESC LIMIT 1) e ON true`
@@ -132,8 +146,8 @@ func newSQL(schema string) *sqlSet {
 	// making it a join, which a generic plan would do with a scan of the
 	// whole log).
 	s.streamWrite = "INSERT INTO " + stream + ` (tbl, off, position, epoch, roff, tags, prev)
-		SELECT $1, CASE WHEN o.off = $2 AND le.off = w.off THEN w.off END, CASE WHEN h.position = $3 AND le.id = w.id THEN w.position END, $4, w.roff, w.tags, w.prev
-		FROM ` + head + ` h LEFT JOIN ` + offsets + ` o ON o.tbl = $1,
+		SELECT $1, CASE WHEN hl.off = $2 AND le.off = w.off THEN w.off END, CASE WHEN hl.position = $3 AND le.id = w.id THEN w.position END, $4, w.roff, w.tags, w.prev
+		FROM (SELECT ` + logEndSQL(entries) + ` AS position, ` + tableOffsetSQL(entries, offsets) + ` AS off FROM ` + head + ` h) hl,
 			unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::jsonb[]) AS w(id, off, position, roff, tags, prev)
 			LEFT JOIN LATERAL (SELECT le.id, le.off FROM ` + entries + ` le WHERE le.position = w.position AND le.tbl = $1 LIMIT 1) le ON true`
 	s.expirySet = "INSERT INTO " + expiry + ` (tbl, id, expires_at) VALUES ($1, $2, now() + $3::interval)
