@@ -41,8 +41,8 @@ import (
 // writes behind one idle transaction, and would go on growing. A writer
 // under the lock reads instead where the log ends (see logEndExpr) and
 // where the table's offsets end (tableOffsetExpr), from the entries that
-// the partition taking the appends holds, above floors that the janitor
-// brings up to date, under the same lock, when it switches partitions.
+// the partition taking the appends holds, above floors that the head's
+// trigger raises, under the same lock, when the partition switches.
 // Unique indexes stand guard: a writer whose snapshot is older than the
 // lock (repeatable read) and would take a number again fails instead.
 //
@@ -68,6 +68,15 @@ const (
 const (
 	logFunction      = "pgstore_log_v1"
 	headLockFunction = "pgstore_log_lock_v1"
+)
+
+// floorsFunction is the head's trigger function that raises the floors (see
+// the top of this file) whenever the partition taking the appends changes,
+// whoever changes it: a janitor of an earlier pgstore, which knows nothing
+// of floors, too.
+const (
+	floorsFunction = "pgstore_log_floors_v1"
+	floorsTrigger  = "pgstore_log_floors"
 )
 
 // headLockTrigger is the name of a record table's trigger that runs
@@ -109,7 +118,44 @@ func createLogSQL(schema string, retention time.Duration) []string {
 		stmts = append(stmts, fmt.Sprintf("CREATE TABLE %s PARTITION OF %s FOR VALUES IN (%d)", logPart(schema, p), entries, p))
 	}
 	stmts = append(stmts, logIndexesSQL(schema)...)
+	stmts = append(stmts, floorsSQL(schema)...)
 	return append(stmts, logFunctionSQL(schema, notifyRoom), headLockFunctionSQL(schema))
+}
+
+// floorsSQL creates, or replaces, the head's trigger that raises the
+// floors when the partition taking the appends changes: the head's position
+// to the last position of the partition that took them until then, and the
+// floor of each table with entries there to its last offset. It runs under
+// the head lock, which the update holds, so no writer appends meanwhile;
+// and only in read committed, where it sees every append: a snapshot older
+// than the lock would raise them short, and writers would take numbers
+// again in the next partition, where no unique index could tell.
+func floorsSQL(schema string) []string {
+	var branches strings.Builder
+	for p := range logParts {
+		keyword := "ELSIF"
+		if p == 0 {
+			keyword = "IF"
+		}
+		fmt.Fprintf(&branches, "\t%s OLD.part = %d THEN\n\t\tNEW.position := greatest(NEW.position, OLD.position, (SELECT e.position FROM %s e ORDER BY e.position DESC LIMIT 1));\n\t\t%s;\n",
+			keyword, p, logPart(schema, p), raiseOffsetFloorsSQL(schema, p))
+	}
+	head := pgx.Identifier{schema, logHead}.Sanitize()
+	function := pgx.Identifier{schema, floorsFunction}.Sanitize()
+	return []string{
+		`CREATE OR REPLACE FUNCTION ` + function + `() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+	IF current_setting('transaction_isolation') <> 'read committed' THEN
+		RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
+			MESSAGE = 'pgstore: the change log switches partitions in read committed only, where it sees every append';
+	END IF;
+` + branches.String() + `	END IF;
+	RETURN NEW;
+END
+$fn$`,
+		"DROP TRIGGER IF EXISTS " + floorsTrigger + " ON " + head,
+		"CREATE TRIGGER " + floorsTrigger + " BEFORE UPDATE OF part ON " + head + " FOR EACH ROW WHEN (OLD.part IS DISTINCT FROM NEW.part) EXECUTE FUNCTION " + function + "()",
+	}
 }
 
 // logOffsetIndex names the log's index by table and offset, which logs made
@@ -131,10 +177,10 @@ func logIndexesSQL(schema string) []string {
 }
 
 // logEndExpr is the last position of the log, for a statement that reads
-// the head row as h: the head's position, a floor that the janitor raises
-// to the log's end when it switches partitions, or the last position of the
-// partition that has taken the appends since. Exact under the head lock, or
-// in a snapshot.
+// the head row as h: the head's position, a floor that the head's trigger
+// raises to the log's end when the partition switches, or the last position
+// of the partition that has taken the appends since. Exact under the head
+// lock, or in a snapshot.
 //
 // Writers, and the janitor, read it from the partition itself (entries is
 // logPart's): a plan over the partitioned table would lock every partition
@@ -260,10 +306,16 @@ func headLockTriggerSQL(schema, table string) string {
 // rowEvents are the events of a record's rows.
 const rowEvents = eventSet(1<<Insert | 1<<Update | 1<<Delete)
 
-// appendDDL appends a table event to the log inside the DDL's transaction:
+// appendDDL appends a table event to the log inside the DDL's transaction,
+// which holds the schema's DDL lock:
 // the head is locked first, in a statement of its own, since the parts of
 // one statement run in no set order.
 func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
+	// A log that an earlier pgstore made since this connector started
+	// still counts in rows: this append would not.
+	if err := upgradeLog(ctx, tx, schema); err != nil {
+		return err
+	}
 	head := pgx.Identifier{schema, logHead}.Sanitize()
 	var part int
 	if err := tx.QueryRow(ctx, "SELECT part FROM "+head+" FOR UPDATE").Scan(&part); err != nil {
@@ -442,11 +494,15 @@ func prepareLog(ctx context.Context, tx pgx.Tx, schema string, choice logChoice,
 }
 
 // upgradeLog brings a log made before writers stopped counting in rows (see
-// the top of this file) up to date: its indexes, and the trigger function
-// that all its tables share. The head's position and the offsets rows, which
-// that function kept exact, are then the floors. Writers wait at the head
-// lock, and the janitor at its own, until the commit; the caller holds the
+// the top of this file) up to date: its indexes, the head's floors trigger,
+// and the trigger function that all its tables share. The head's position
+// and the offsets rows, which that function kept exact, are then the
+// floors. Writers wait at the head lock, and the janitor at its own, until
+// the commit: the indexes are built meanwhile, once. The caller holds the
 // schema's DDL lock.
+//
+// The earlier index by position stays: dropping it would wait for every
+// reader of the log, a dump among them, with the head held.
 func upgradeLog(ctx context.Context, tx pgx.Tx, schema string) error {
 	var current bool
 	err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_indexes WHERE schemaname = $1 AND indexname = $2)", schema, logOffsetIndex).Scan(&current)
@@ -456,11 +512,19 @@ func upgradeLog(ctx context.Context, tx pgx.Tx, schema string) error {
 	if _, err := tx.Exec(ctx, strings.Replace(janitorLockSQL, "pg_try_", "pg_", 1), schema); err != nil {
 		return err
 	}
-	stmts := []string{"SELECT FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE"}
+	// A session that holds the log's head or its partitions makes the
+	// upgrade fail, and the connector with it, rather than every writer
+	// wait behind it for as long as it lasts.
+	stmts := []string{"SET LOCAL lock_timeout = '5s'", "SELECT FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " FOR UPDATE"}
 	stmts = append(stmts, logIndexesSQL(schema)...)
-	stmts = append(stmts, "DROP INDEX IF EXISTS "+pgx.Identifier{schema, logEntries + "_position_idx"}.Sanitize(), logFunctionSQL(schema, notifyRoom))
+	stmts = append(stmts, floorsSQL(schema)...)
+	stmts = append(stmts, logFunctionSQL(schema, notifyRoom), "SET LOCAL lock_timeout TO DEFAULT")
 	for _, stmt := range stmts {
 		if _, err := tx.Exec(ctx, stmt); err != nil {
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+				return fmt.Errorf("the change log was made by an earlier pgstore, and the role does not own its tables to bring it up to date: connect once as their owner (%w)", err)
+			}
 			return err
 		}
 	}
@@ -572,9 +636,23 @@ type logHeadRow struct {
 func readHead(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, schema string) (logHeadRow, error) {
+	// The end from the partition taking the appends, which the janitor
+	// never empties: a read of the partitioned table would hold all four
+	// for as long as the caller's snapshot lasts (List's, GetMany's), and
+	// keep the janitor from emptying the oldest.
+	var part int
+	if err := q.QueryRow(ctx, "SELECT part FROM "+pgx.Identifier{schema, logHead}.Sanitize()).Scan(&part); err != nil {
+		return logHeadRow{}, err
+	}
 	var h logHeadRow
-	err := q.QueryRow(ctx, readHeadSQL(schema, -1)).Scan(h.scan()...)
-	return h, err
+	if err := q.QueryRow(ctx, readHeadSQL(schema, part)).Scan(h.scan()...); err != nil {
+		return h, err
+	}
+	if int(h.part) != part {
+		// Rotated in between (outside a snapshot): read it again.
+		return readHead(ctx, q, schema)
+	}
+	return h, nil
 }
 
 func (h *logHeadRow) scan() []any { return []any{&h.log, &h.position, &h.dropped, &h.part, &h.now} }
@@ -697,8 +775,10 @@ const janitorLockSQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('pgsto
 // appends, if half the retention has passed since the last rotation (or
 // always, with force), and if no other connector is at it. It reports
 // whether it rotated.
-func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rotated bool, err error) {
-	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+func rotateLog(ctx context.Context, db *pgxpool.Pool, schema string, force bool) (rotated bool, err error) {
+	// Read committed, whatever the server's default: the head's floors
+	// trigger must see every append (see floorsSQL).
+	err = pgx.BeginTxFunc(ctx, db, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, func(tx pgx.Tx) error {
 		var elected bool
 		if err := tx.QueryRow(ctx, janitorLockSQL, schema).Scan(&elected); err != nil || !elected {
 			return err
@@ -730,23 +810,15 @@ func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rot
 			return err
 		}
 		next := (part + 1) % logParts
-		var last, end int64
-		err = tx.QueryRow(ctx, "SELECT (SELECT coalesce(max(position), 0) FROM "+logPart(schema, next)+"), "+logEndExpr(schema, logPart(schema, part))+" FROM "+head+" h").
-			Scan(&last, &end)
-		if err != nil {
-			return err
-		}
-		// Writers read the log's end and the tables' offsets from the
-		// partition that takes the appends, above the floors: before
-		// another partition takes them, the floors rise to what this one
-		// holds.
-		if _, err := tx.Exec(ctx, raiseOffsetFloorsSQL(schema, part)); err != nil {
+		var last int64
+		if err := tx.QueryRow(ctx, "SELECT coalesce(max(position), 0) FROM "+logPart(schema, next)).Scan(&last); err != nil {
 			return err
 		}
 		if _, err := tx.Exec(ctx, "TRUNCATE "+logPart(schema, next)); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, "UPDATE "+head+" SET part = $1, rotated_at = now(), dropped = greatest(dropped, $2), position = $3", next, last, end)
+		// The head's trigger raises the floors (floorsSQL).
+		_, err = tx.Exec(ctx, "UPDATE "+head+" SET part = $1, rotated_at = now(), dropped = greatest(dropped, $2)", next, last)
 		rotated = err == nil
 		return err
 	})
@@ -757,7 +829,7 @@ func rotateLog(ctx context.Context, db beginner, schema string, force bool) (rot
 }
 
 // raiseOffsetFloorsSQL raises the floor of every table that has entries in
-// the partition part to its last offset there. The tables are found by
+// the partition part to its last offset there (see floorsSQL). The tables are found by
 // skipping through the partition's index by table and offset, a descent per
 // table, rather than by reading every entry.
 func raiseOffsetFloorsSQL(schema string, part int) string {

@@ -207,3 +207,56 @@ func TestARepeatableReadWriterBehindTheLogFailsToSerializeAndTakesNoNumberTwice(
 	requireGapless(t, entries, nil)
 	require.Equal(t, "raw", entries[len(entries)-1].id)
 }
+
+// The head's trigger raises the floors whoever switches the partition
+// taking the appends, a janitor of an earlier pgstore too (which only
+// empties the next partition and moves the head to it), and refuses to in
+// a snapshot older than the appends it would have to see.
+func TestAnyRotationRaisesTheFloorsAndOnlyInReadCommitted(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
+	pool := pgtest.Pool(t)
+	for i := range 3 {
+		require.NoError(t, c.Set(ctx, fmt.Sprintf("a/%d", i), 1, i))
+	}
+	head := ident(schema, "pgstore/log")
+	rotate := func(tx pgx.Tx) error {
+		var part int
+		if err := tx.QueryRow(ctx, "SELECT part FROM "+head+" FOR UPDATE").Scan(&part); err != nil {
+			return err
+		}
+		next := (part + 1) % 4
+		if _, err := tx.Exec(ctx, "TRUNCATE "+ident(schema, fmt.Sprintf("pgstore/log_entries_%d", next))); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "UPDATE "+head+" SET part = $1, rotated_at = now()", next)
+		return err
+	}
+
+	stale, err := pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
+	require.NoError(t, err)
+	defer stale.Rollback(context.Background()) //nolint:errcheck // it fails
+	_, err = stale.Exec(ctx, "SELECT 1")
+	require.NoError(t, err)
+	require.NoError(t, c.Set(ctx, "a/3", 1, 3)) // after the stale snapshot
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, rotate(stale), &pgErr)
+	require.Equal(t, "40001", pgErr.Code)
+
+	before := logEntries(t, pool, schema)
+	last := map[string]int64{}
+	for _, e := range before {
+		last[e.table] = e.off
+	}
+	for range 4 { // as an earlier janitor would, past every entry
+		require.NoError(t, pgx.BeginTxFunc(ctx, pool, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, rotate))
+	}
+	require.Empty(t, logEntries(t, pool, schema))
+	require.NoError(t, c.Set(ctx, "a/9", 1, "again"))
+	after := logEntries(t, pool, schema)
+	require.Len(t, after, 1)
+	require.Equal(t, before[len(before)-1].pos+1, after[0].pos)
+	requireGapless(t, after, last)
+}

@@ -15,7 +15,7 @@ const (
 // logEndSQL and tableOffsetSQL are where the log ends and where a table's
 // offsets end ($1 names the table), for a statement that reads the head as
 // h: pgstore's writers count from the log's entries, under the head lock,
-// above floors that its janitor raises when it empties a partition (the
+// above floors raised whenever the partition taking the appends changes (the
 // head's position, the offsets table).
 func logEndSQL(entries string) string {
 	return "greatest(h.position, (SELECT le.position FROM " + entries + " le ORDER BY le.position DESC LIMIT 1))"
