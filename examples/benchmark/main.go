@@ -40,6 +40,7 @@ var figureGroups = []figureGroup{
 	{Name: "change", Run: changeFigures},
 	{Name: "log", Run: logFigures},
 	{Name: "memory", Run: memoryFigure},
+	{Name: "stuck", Run: stuckFigure},
 }
 
 type figureGroup = benchkit.Step[*env]
@@ -56,11 +57,14 @@ type settings struct {
 	// subscription starts; fanoutSamples the fanout figure's latency samples.
 	replayEntries int
 	fanoutSamples int
-	goroutines    int
-	rounds        int
-	valueBytes    int
-	figures       []string
-	cpuProfile    string
+	// stuckWrites is how many writes the stuck figure makes behind an open
+	// snapshot.
+	stuckWrites int
+	goroutines  int
+	rounds      int
+	valueBytes  int
+	figures     []string
+	cpuProfile  string
 }
 
 func parseFlags(args []string) (settings, error) {
@@ -74,10 +78,11 @@ func parseFlags(args []string) (settings, error) {
 	fs.Sized(&s.replayEntries, "replay-entries", 1_000_000, 100_000, "log entries the replay figure's subscription starts behind (default 1000000, -quick 100000)")
 	fs.Sized(&s.fanoutSamples, "fanout-samples", 500, 300, "delivery-latency samples of the fanout figure, one every 10 ms (default 500, -quick 300)")
 	fs.Sized(&s.memRecords, "mem-records", 1_000_000, 200_000, "records written by the memory figure (default 1000000, -quick 200000)")
+	fs.Sized(&s.stuckWrites, "stuck-writes", 20_000, 3_000, "one-row writes the stuck figure makes behind an open snapshot (default 20000, -quick 3000)")
 	fs.Positive(&s.goroutines, "goroutines", 8, "goroutines of the concurrent figures")
 	fs.Sized(&s.rounds, "rounds", 3, 1, "rounds of each throughput figure, best kept (default 3, -quick 1)")
 	fs.ValueBytes(&s.valueBytes, "size of each record's JSON value")
-	figures := fs.String("figures", "write,concurrent,get,change,log,memory", "figures to measure, comma-separated")
+	figures := fs.String("figures", "write,concurrent,get,change,log,memory,stuck", "figures to measure, comma-separated")
 	fs.StringVar(&s.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file")
 	if err := fs.Parse(args); err != nil {
 		return s, err

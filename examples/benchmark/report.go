@@ -41,6 +41,7 @@ var table = benchkit.Table{
 		{Key: "fanout", Title: "write, 16 subscribers / 1, change log", Unit: "rec/s", Kind: throughput, Target: "ratio ≥ 0.9", MinRatio: 0.9},
 		{Key: "fanout_raw", Title: "write, 16 subscribers, pgstore / raw readers", Unit: "rec/s", Kind: throughput, Target: "none"},
 		{Key: "peak_heap_mb", Title: "peak heap, SetAsync run", Unit: "MB", Kind: latency, Target: fmt.Sprintf("< %d MB", heapTargetMB), MinRatio: 1, CeilingText: "(target)"},
+		{Key: "stuck_set_p50", Title: "Set p50 behind an open snapshot, last/first", Unit: "µs", Kind: latency, Target: "none"},
 	},
 }
 
