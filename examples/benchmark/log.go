@@ -425,8 +425,11 @@ func pgstoreFollowers(ctx context.Context, subs []*store, table string, want int
 // its own: woken by the log's NOTIFY (or every second), it reads pages
 // after its position until one comes back short.
 func (e *env) rawFollowers(ctx context.Context, n int, table string, want int64, heard func()) (func(), error) {
+	// The log's end: the head's position is only a floor, below what the
+	// partitions hold.
 	var from int64
-	if err := e.raw.QueryRow(ctx, "SELECT position FROM "+ident(e.logged, "pgstore/log")).Scan(&from); err != nil {
+	if err := e.raw.QueryRow(ctx, "SELECT greatest(position, (SELECT max(position) FROM "+ident(e.logged, "pgstore/log_entries")+")) FROM "+
+		ident(e.logged, "pgstore/log")).Scan(&from); err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256([]byte(e.logged))
