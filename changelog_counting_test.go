@@ -32,6 +32,15 @@ func requireGapless(t *testing.T, entries []faultEntry, first map[string]int64) 
 	}
 }
 
+// lastOffsets gives each table's last offset among entries.
+func lastOffsets(entries []faultEntry) map[string]int64 {
+	last := map[string]int64{}
+	for _, e := range entries {
+		last[e.table] = e.off
+	}
+	return last
+}
+
 // Writers count from the entries under the head lock, not by updating a
 // row: behind a snapshot that no one ends (a dump, a session idle in a
 // transaction), a row updated at every write would keep every version, and
@@ -70,9 +79,9 @@ func TestWritesToALoggedSchemaUpdateNoRowToCount(t *testing.T) {
 	require.Len(t, entries, 1+1+40+1+1, "CREATE_TABLE a, the first write, 40 writes, CREATE_TABLE b, the delete")
 }
 
-// The janitor raises the floors before the entries above them go: a table
-// whose every entry has been dropped goes on from its last offset, and the
-// log from its last position.
+// The floors rise before the entries above them go: a table whose every
+// entry has been dropped goes on from its last offset, and the log from its
+// last position.
 func TestPositionsAndOffsetsGoOnAfterEveryEntryIsDropped(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
@@ -88,10 +97,7 @@ func TestPositionsAndOffsetsGoOnAfterEveryEntryIsDropped(t *testing.T) {
 	}
 	before := logEntries(t, pool, schema)
 	requireGapless(t, before, nil)
-	last := map[string]int64{}
-	for _, e := range before {
-		last[e.table] = e.off
-	}
+	last := lastOffsets(before)
 	for range 4 { // every partition emptied once
 		require.NoError(t, c.RotateLog(ctx))
 	}
@@ -246,10 +252,7 @@ func TestAnyRotationRaisesTheFloorsAndOnlyInReadCommitted(t *testing.T) {
 	require.Equal(t, "40001", pgErr.Code)
 
 	before := logEntries(t, pool, schema)
-	last := map[string]int64{}
-	for _, e := range before {
-		last[e.table] = e.off
-	}
+	last := lastOffsets(before)
 	for range 4 { // as an earlier janitor would, past every entry
 		require.NoError(t, pgx.BeginTxFunc(ctx, pool, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, rotate))
 	}
