@@ -37,8 +37,9 @@ import (
 // table, to count. Such a row would gain a version at every write, which
 // nothing may remove while any snapshot is older (a dump, a session idle in
 // a transaction), and every write and every read of the head would step
-// through them all: measured, a flush went from 0.8 to 3.2 ms over 20,000
-// writes behind one idle transaction, and would go on growing. A writer
+// through them all (the benchmark's stuck figure: a one-row Set's p50 went
+// from 1.1 to 4.0 ms over 20,000 writes behind one open snapshot, and
+// would have gone on growing). A writer
 // under the lock reads instead where the log ends (see logEndExpr) and
 // where the table's offsets end (tableOffsetExpr), from the entries that
 // the partition taking the appends holds, above floors that the head's
@@ -131,15 +132,10 @@ func createLogSQL(schema string, retention time.Duration) []string {
 // than the lock would raise them short, and writers would take numbers
 // again in the next partition, where no unique index could tell.
 func floorsSQL(schema string) []string {
-	var branches strings.Builder
-	for p := range logParts {
-		keyword := "ELSIF"
-		if p == 0 {
-			keyword = "IF"
-		}
-		fmt.Fprintf(&branches, "\t%s OLD.part = %d THEN\n\t\tNEW.position := greatest(NEW.position, OLD.position, (SELECT e.position FROM %s e ORDER BY e.position DESC LIMIT 1));\n\t\t%s;\n",
-			keyword, p, logPart(schema, p), raiseOffsetFloorsSQL(schema, p))
-	}
+	branches := partitionBranches("OLD.part", func(p int) string {
+		return "NEW.position := greatest(NEW.position, OLD.position, (SELECT e.position FROM " + logPart(schema, p) + " e ORDER BY e.position DESC LIMIT 1));\n\t\t" +
+			raiseOffsetFloorsSQL(schema, p) + ";"
+	})
 	head := pgx.Identifier{schema, logHead}.Sanitize()
 	function := pgx.Identifier{schema, floorsFunction}.Sanitize()
 	return []string{
@@ -149,13 +145,29 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
 			MESSAGE = 'pgstore: the change log switches partitions in read committed only, where it sees every append';
 	END IF;
-` + branches.String() + `	END IF;
-	RETURN NEW;
+` + branches + `	RETURN NEW;
 END
 $fn$`,
 		"DROP TRIGGER IF EXISTS " + floorsTrigger + " ON " + head,
 		"CREATE TRIGGER " + floorsTrigger + " BEFORE UPDATE OF part ON " + head + " FOR EACH ROW WHEN (OLD.part IS DISTINCT FROM NEW.part) EXECUTE FUNCTION " + function + "()",
 	}
+}
+
+// partitionBranches returns the PL/pgSQL IF … ELSIF … END IF that runs, for
+// the partition that the expression part names, what body gives for it: a
+// statement per partition, of which PL/pgSQL plans and locks only the one it
+// runs, where a statement over the partitioned table would lock all four.
+func partitionBranches(part string, body func(p int) string) string {
+	var b strings.Builder
+	for p := range logParts {
+		keyword := "ELSIF"
+		if p == 0 {
+			keyword = "IF"
+		}
+		fmt.Fprintf(&b, "\t%s %s = %d THEN\n\t\t%s\n", keyword, part, p, body(p))
+	}
+	b.WriteString("\tEND IF;\n")
+	return b.String()
 }
 
 // logOffsetIndex names the log's index by table and offset, which logs made
@@ -176,29 +188,24 @@ func logIndexesSQL(schema string) []string {
 	}
 }
 
-// logEndExpr is the last position of the log, for a statement that reads
-// the head row as h: the head's position, a floor that the head's trigger
-// raises to the log's end when the partition switches, or the last position
-// of the partition that has taken the appends since. Exact under the head
-// lock, or in a snapshot.
+// logEndExpr is the last position of the log: floor, the head's position,
+// which the head's trigger raises to the log's end when the partition
+// switches, or the last position of the partition that has taken the
+// appends since. Exact under the head lock, or in a snapshot.
 //
-// Writers, and the janitor, read it from the partition itself (entries is
-// logPart's): a plan over the partitioned table would lock every partition
-// at its start, and so wait behind the janitor, which holds the partition
-// it empties while it waits for the head lock they hold. Other readers pass
-// the partitioned table.
-func logEndExpr(schema, entries string) string {
-	if entries == "" {
-		entries = pgx.Identifier{schema, logEntries}.Sanitize()
-	}
-	return "greatest(h.position, (SELECT e.position FROM " + entries + " e ORDER BY e.position DESC LIMIT 1))"
+// Writers read it from the partition itself (entries is logPart's): a plan
+// over the partitioned table would lock every partition at its start, and
+// so wait behind the janitor, which holds the partition it empties while it
+// waits for the head lock they hold. A reader of the whole log passes the
+// partitioned table.
+func logEndExpr(floor, entries string) string {
+	return "greatest(" + floor + ", (SELECT e.position FROM " + entries + " e ORDER BY e.position DESC LIMIT 1))"
 }
 
 // tableOffsetExpr is the last offset of the table that the SQL expression
-// tbl names, for a statement that reads the head row as h, from the
-// partition entries that takes the appends (see logEndExpr): the table's
-// floor in the offsets table, or its last offset in the partition; 0 for a
-// table never logged.
+// tbl names, read from the partition entries that takes the appends (see
+// logEndExpr): the table's floor in the offsets table, or its last offset
+// in the partition; 0 for a table never logged.
 func tableOffsetExpr(schema, entries, tbl string) string {
 	return "coalesce(greatest((SELECT f.off FROM " + pgx.Identifier{schema, logOffsets}.Sanitize() + " f WHERE f.tbl = " + tbl + "), " +
 		"(SELECT e.off FROM " + entries + " e WHERE e.tbl = " + tbl + " ORDER BY e.off DESC LIMIT 1)), 0)"
@@ -226,18 +233,11 @@ const notifyRoom = 0.5
 func logFunctionSQL(schema string, room float64) string {
 	s := pgx.Identifier{schema}.Sanitize()
 	// Where the log and the table end, read from the partition that takes
-	// the appends (see logEndExpr): a statement per partition, of which
-	// PL/pgSQL plans and locks only the one it runs.
-	var branches strings.Builder
-	for p := range logParts {
-		keyword := "ELSIF"
-		if p == 0 {
-			keyword = "IF"
-		}
-		fmt.Fprintf(&branches, "\t%s p = %d THEN\n\t\tSELECT %s, %s INTO first, o FROM %s h;\n", keyword, p,
-			logEndExpr(schema, logPart(schema, p)), tableOffsetExpr(schema, logPart(schema, p), `(TG_TABLE_NAME::text COLLATE "default")`), pgx.Identifier{schema, logHead}.Sanitize())
-	}
-	branches.WriteString("\tEND IF;\n")
+	// the appends (see logEndExpr).
+	ends := partitionBranches("p", func(p int) string {
+		return "SELECT " + logEndExpr("first", logPart(schema, p)) + ", " + tableOffsetExpr(schema, logPart(schema, p), `(TG_TABLE_NAME::text COLLATE "default")`) +
+			" INTO first, o;"
+	})
 	appendRows := "INSERT INTO " + pgx.Identifier{schema, logEntries}.Sanitize() + ` (part, position, tbl, off, op, id, version, val)
 			SELECT p, first + r.k, TG_TABLE_NAME, o + r.k, op, r.id, r.version, CASE WHEN op = 'D' THEN NULL ELSE r.val END
 			FROM (SELECT row_number() OVER (ORDER BY c.id) AS k, c.id, c.version, c.val FROM changed_rows c) AS r;`
@@ -253,7 +253,7 @@ BEGIN
 	IF n = 0 THEN
 		RETURN NULL;
 	END IF;
-	SELECT h.part INTO p FROM %[3]s h;
+	SELECT h.part, h.position INTO p, first FROM %[3]s h;
 	IF NOT FOUND THEN
 		RETURN NULL;
 	END IF;
@@ -276,7 +276,7 @@ BEGIN
 	END IF;
 	RETURN NULL;
 END
-$fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), logChannel(schema), room, branches.String(), appendRows)
+$fn$`, s, logFunction, pgx.Identifier{schema, logHead}.Sanitize(), logChannel(schema), room, ends, appendRows)
 }
 
 func headLockFunctionSQL(schema string) string {
@@ -307,9 +307,9 @@ func headLockTriggerSQL(schema, table string) string {
 const rowEvents = eventSet(1<<Insert | 1<<Update | 1<<Delete)
 
 // appendDDL appends a table event to the log inside the DDL's transaction,
-// which holds the schema's DDL lock:
-// the head is locked first, in a statement of its own, since the parts of
-// one statement run in no set order.
+// which holds the schema's DDL lock. The head is locked first, in a
+// statement of its own, since the parts of one statement run in no set
+// order.
 func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table string) error {
 	// A log that an earlier pgstore made since this connector started
 	// still counts in rows: this append would not.
@@ -323,7 +323,7 @@ func appendDDL(ctx context.Context, tx pgx.Tx, schema string, t EventType, table
 	}
 	entries := logPart(schema, part)
 	_, err := tx.Exec(ctx, "INSERT INTO "+entries+" (part, position, tbl, off, op) "+
-		"SELECT h.part, "+logEndExpr(schema, entries)+" + 1, $1, "+tableOffsetExpr(schema, entries, "$1::text")+" + 1, $2 FROM "+head+" h", table, logOps[t])
+		"SELECT h.part, "+logEndExpr("h.position", entries)+" + 1, $1, "+tableOffsetExpr(schema, entries, "$1::text")+" + 1, $2 FROM "+head+" h", table, logOps[t])
 	if err != nil {
 		return err
 	}
@@ -509,7 +509,7 @@ func upgradeLog(ctx context.Context, tx pgx.Tx, schema string) error {
 	if err != nil || current {
 		return err
 	}
-	if _, err := tx.Exec(ctx, strings.Replace(janitorLockSQL, "pg_try_", "pg_", 1), schema); err != nil {
+	if _, err := tx.Exec(ctx, janitorWaitSQL, schema); err != nil {
 		return err
 	}
 	// A session that holds the log's head or its partitions makes the
@@ -521,11 +521,7 @@ func upgradeLog(ctx context.Context, tx pgx.Tx, schema string) error {
 	stmts = append(stmts, logFunctionSQL(schema, notifyRoom), "SET LOCAL lock_timeout TO DEFAULT")
 	for _, stmt := range stmts {
 		if _, err := tx.Exec(ctx, stmt); err != nil {
-			var pgErr *pgconn.PgError
-			if errors.As(err, &pgErr) && pgErr.Code == "42501" {
-				return fmt.Errorf("the change log was made by an earlier pgstore, and the role does not own its tables to bring it up to date: connect once as their owner (%w)", err)
-			}
-			return err
+			return err // a role that does not own the tables: Connect's error says what to run
 		}
 	}
 	return nil
@@ -744,11 +740,11 @@ func (sc *logScanner) scan(rows pgx.Rows, e *logEntry) error {
 // part >= 0, the end is read as if that partition took the appends: right
 // only if the head says it does.
 func readHeadSQL(schema string, part int) string {
-	entries := ""
+	entries := pgx.Identifier{schema, logEntries}.Sanitize()
 	if part >= 0 {
 		entries = logPart(schema, part)
 	}
-	return "SELECT replace(log_id::text, '-', ''), " + logEndExpr(schema, entries) + ", dropped, part, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " h"
+	return "SELECT replace(log_id::text, '-', ''), " + logEndExpr("h.position", entries) + ", dropped, part, clock_timestamp() FROM " + pgx.Identifier{schema, logHead}.Sanitize() + " h"
 }
 
 // readHeadGenericSQL is readHeadSQL that also sets plan_cache_mode to
@@ -768,8 +764,13 @@ func readPageSQL(schema string, part int) string {
 	return "SELECT position, off, tbl, id, op::text, coalesce(version, 0), val, at FROM " + from + " WHERE position > $1 ORDER BY position LIMIT $2"
 }
 
-// janitorLockSQL elects the one connector that rotates a schema's log.
-const janitorLockSQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('pgstore log janitor ' || $1, 0))"
+// janitorLockSQL elects the one connector that rotates a schema's log;
+// janitorWaitSQL waits until no janitor is at it, and keeps them out.
+const (
+	janitorLockSQL = "SELECT pg_try_advisory_xact_lock(" + janitorKey + ")"
+	janitorWaitSQL = "SELECT pg_advisory_xact_lock(" + janitorKey + ")"
+	janitorKey     = "hashtextextended('pgstore log janitor ' || $1, 0)"
+)
 
 // rotateLog empties the oldest partition of the log and makes it take the
 // appends, if half the retention has passed since the last rotation (or
@@ -829,9 +830,9 @@ func rotateLog(ctx context.Context, db *pgxpool.Pool, schema string, force bool)
 }
 
 // raiseOffsetFloorsSQL raises the floor of every table that has entries in
-// the partition part to its last offset there (see floorsSQL). The tables are found by
-// skipping through the partition's index by table and offset, a descent per
-// table, rather than by reading every entry.
+// the partition part to its last offset there (see floorsSQL). The tables
+// are found by skipping through the partition's index by table and offset,
+// a descent per table, rather than by reading every entry.
 func raiseOffsetFloorsSQL(schema string, part int) string {
 	entries := logPart(schema, part)
 	return `WITH RECURSIVE t(tbl) AS (
