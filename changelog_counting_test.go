@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
@@ -32,6 +33,15 @@ func requireGapless(t *testing.T, entries []faultEntry, first map[string]int64) 
 	}
 }
 
+// loggedSchema gives a test its context, a schema of its own with a change
+// log, a connector on it that flushes at once, and a pool of its own.
+func loggedSchema(t *testing.T) (context.Context, string, *pgstore.Connector, *pgxpool.Pool) {
+	t.Helper()
+	schema := pgtest.Schema(t)
+	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
+	return testCtx(t), schema, c, pgtest.Pool(t)
+}
+
 // lastOffsets gives each table's last offset among entries.
 func lastOffsets(entries []faultEntry) map[string]int64 {
 	last := map[string]int64{}
@@ -47,10 +57,7 @@ func lastOffsets(entries []faultEntry) map[string]int64 {
 // every write would step through them.
 func TestWritesToALoggedSchemaUpdateNoRowToCount(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
-	pool := pgtest.Pool(t)
+	ctx, schema, c, pool := loggedSchema(t)
 	require.NoError(t, c.Set(ctx, "a/0", 1, "first"))
 
 	stuck, err := pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
@@ -84,10 +91,7 @@ func TestWritesToALoggedSchemaUpdateNoRowToCount(t *testing.T) {
 // last position.
 func TestPositionsAndOffsetsGoOnAfterEveryEntryIsDropped(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
-	pool := pgtest.Pool(t)
+	ctx, schema, c, pool := loggedSchema(t)
 	for i := range 3 {
 		require.NoError(t, c.Set(ctx, fmt.Sprintf("a/%d", i), 1, i))
 	}
@@ -116,10 +120,7 @@ func TestPositionsAndOffsetsGoOnAfterEveryEntryIsDropped(t *testing.T) {
 // goes on from where that trigger left it.
 func TestALogThatCountedInRowsGoesOnWhereItStood(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
-	pool := pgtest.Pool(t)
+	ctx, schema, c, pool := loggedSchema(t)
 	require.NoError(t, c.Set(ctx, "a/1", 1, "new"))
 
 	// The earlier pgstore's log: its indexes and its trigger function.
@@ -185,10 +186,7 @@ $fn$`, pgx.Identifier{schema}.Sanitize(), ident(schema, "pgstore/log"), ident(sc
 // a position or an offset again.
 func TestARepeatableReadWriterBehindTheLogFailsToSerializeAndTakesNoNumberTwice(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
-	pool := pgtest.Pool(t)
+	ctx, schema, c, pool := loggedSchema(t)
 	require.NoError(t, c.Set(ctx, "t/1", 1, "first"))
 	insert := "INSERT INTO " + ident(schema, "t") + ` (id, version, val) VALUES ($1, 1, '"raw"')`
 
@@ -220,10 +218,7 @@ func TestARepeatableReadWriterBehindTheLogFailsToSerializeAndTakesNoNumberTwice(
 // a snapshot older than the appends it would have to see.
 func TestAnyRotationRaisesTheFloorsAndOnlyInReadCommitted(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	schema := pgtest.Schema(t)
-	c := connectSchema(t, schema, pgstore.WithChangeLog(time.Hour), pgstore.WithWriteInterval(0))
-	pool := pgtest.Pool(t)
+	ctx, schema, c, pool := loggedSchema(t)
 	for i := range 3 {
 		require.NoError(t, c.Set(ctx, fmt.Sprintf("a/%d", i), 1, i))
 	}
