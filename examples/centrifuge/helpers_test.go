@@ -27,7 +27,7 @@ const waitTimeout = 30 * time.Second
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
-	return cftest.Schema(t, "centrifuge_test_")
+	return pgtest.SchemaWithPrefix(t, "centrifuge_test_")
 }
 
 // A node is a Server on a pool of its own, served on loopback.

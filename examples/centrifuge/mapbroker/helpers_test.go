@@ -13,14 +13,13 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgstore/pgstore"
-	"github.com/pgstore/pgstore/examples/centrifuge/internal/cftest"
 	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // newSchema names a schema of the test's own, dropped when it ends.
 func newSchema(t testing.TB) string {
 	t.Helper()
-	return cftest.Schema(t, "mapbroker_test_")
+	return pgtest.SchemaWithPrefix(t, "mapbroker_test_")
 }
 
 // channelOptions are the map options of the tests' channels, by name

@@ -1,8 +1,7 @@
 // Package cftest holds the test scaffolding that the centrifuge example's
-// packages (the command and mapbroker) share: a schema of each test's own,
-// and TestMain's sweep and leak check. The server is the module root's
-// (internal/pgtest): PGSTORE_TEST_DATABASE_URL, the local default, or a
-// container where Docker runs.
+// packages (the command and mapbroker) share: skipping where a test's tools
+// are missing, and TestMain's leak check. Schemas and the server are the
+// module root's (internal/pgtest).
 package cftest
 
 import (
@@ -12,8 +11,6 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
-
-	"github.com/pgstore/pgstore/internal/pgtest"
 )
 
 // SkipOrFail skips the test for want of something it needs, or fails it
@@ -24,15 +21,6 @@ func SkipOrFail(t testing.TB, msg string) {
 		t.Fatal(msg)
 	}
 	t.Skip(msg)
-}
-
-// Schema names a schema of the test's own, prefix followed by random hex,
-// and drops it with all it holds when the test ends (see
-// pgtest.SchemaWithPrefix). The schema itself is not created: the code
-// under test does that.
-func Schema(t testing.TB, prefix string) string {
-	t.Helper()
-	return pgtest.SchemaWithPrefix(t, prefix)
 }
 
 // Main is a TestMain: it runs the tests and, when everything passed, fails
